@@ -1,0 +1,173 @@
+"""The ``idhub`` command. Every failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from orchestrator import migrations, settings
+from orchestrator.auth import SCOPES, TokenError, create_token, list_tokens, revoke_token
+from orchestrator.db import engine_for
+
+
+class CliError(Exception):
+    """A user mistake or an unavailable dependency; the message is the one line shown."""
+
+
+def _engine() -> Any:
+    engine = engine_for(settings.get().database_url)
+    migrations.upgrade(engine)
+    return engine
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from orchestrator.api import create_app
+
+    cfg = settings.get()
+    app = create_app(cfg, _engine())
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_db_upgrade(_: argparse.Namespace) -> int:
+    engine = engine_for(settings.get().database_url)
+    migrations.upgrade(engine)
+    print(f"schema at revision {migrations.current(engine)}")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    token = create_token(_engine(), args.name, args.scope or [])
+    print(token)
+    print("Keep it now: only its hash is stored.", file=sys.stderr)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    tokens = list_tokens(_engine())
+    if args.json:
+        print(json.dumps(tokens, indent=2))
+        return 0
+    for t in tokens:
+        state = f"revoked {t['revoked']}" if t["revoked"] else "active"
+        print(f"{t['name']:<24} {' '.join(t['scopes']):<28} {state}")  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    revoke_token(_engine(), args.name)
+    print(f"revoked {args.name}")
+    return 0
+
+
+def _celery(*argv: str) -> int:
+    """Run a Celery command on the hub's app; exec'd so signals reach Celery directly."""
+    celery = shutil.which("celery", path=os.path.dirname(sys.executable)) or shutil.which("celery")
+    if celery is None:
+        raise CliError("the celery command is not installed")
+    os.execv(celery, [celery, "-A", "workers", *argv])  # noqa: S606 - fixed program, argv from our parser
+    return 0  # pragma: no cover
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    argv = ["worker", "-E", "--loglevel", args.loglevel]
+    if args.queues:
+        argv += ["-Q", args.queues]
+    if args.concurrency:
+        argv += ["--concurrency", str(args.concurrency)]
+    return _celery(*argv)
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    return _celery("beat", "--loglevel", args.loglevel)
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    return _celery("flower", f"--port={args.port}", f"--address={args.host}")
+
+
+def _delegate(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A sub-command implemented above the core (workers, sandbox); imported only when run."""
+
+    def run(args: argparse.Namespace) -> int:
+        result: int = getattr(importlib.import_module(module), function)(args)
+        return result
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idhub", description="Customer-identity sync hub.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the SCIM API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("db", help="database schema")
+    dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    dbsub.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
+
+    p = sub.add_parser("token", help="API tokens")
+    tsub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    c = tsub.add_parser("create", help="create a token and print it once")
+    c.add_argument("name")
+    c.add_argument("--scope", action="append", choices=sorted(SCOPES), required=True)
+    c.set_defaults(func=cmd_token_create)
+    c = tsub.add_parser("list", help="list tokens (never the tokens themselves)")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_token_list)
+    c = tsub.add_parser("revoke", help="revoke a token by name")
+    c.add_argument("name")
+    c.set_defaults(func=cmd_token_revoke)
+
+    p = sub.add_parser("worker", help="run a Celery worker")
+    p.add_argument("--queues", "-Q", help="comma-separated queues (default: all)")
+    p.add_argument("--concurrency", "-c", type=int)
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("beat", help="run the periodic scheduler (sweeper, probes); run exactly one")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=cmd_beat)
+
+    p = sub.add_parser("flower", help="run Flower against the configured broker")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5555)
+    p.set_defaults(func=cmd_flower)
+
+    p = sub.add_parser("relay", help="move outbox events onto the broker")
+    p.add_argument("--once", action="store_true", help="publish what is pending and exit")
+    p.set_defaults(func=_delegate("workers.relay", "main"))
+
+    p = sub.add_parser("sandbox", help="run the target simulators on loopback")
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=_delegate("connectors.sandbox.runner", "cli_main"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except settings.SettingsError as exc:
+        print(exc.line, file=sys.stderr)
+    except (CliError, TokenError) as exc:
+        print(f"idhub: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""scim2-server storage on SQLAlchemy: Users in ``identities``, Groups in ``groups`` + ``group_members``.
+
+Every write happens on the connection of the current request (``bind``) and leaves an outbox event in the
+same transaction, so a committed change always has its event and a rolled-back one never does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from scim2_models import (
+    InvalidValueException,
+    Meta,
+    NotFoundException,
+    NotImplementedException,
+    PreconditionFailedException,
+    Resource,
+    ResourceType,
+    ResponseParameters,
+    ScimProvider,
+    SearchRequest,
+    UniquenessException,
+)
+from scim2_server.storage import ScimStorage, SearchPage
+from sqlalchemy import ColumnElement, Table, and_, delete, func, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from orchestrator.db import group_members, groups, identities, now
+from orchestrator.outbox import Kind, emit
+
+_current: ContextVar[Connection | None] = ContextVar("idhub_scim_connection", default=None)
+
+
+@contextmanager
+def bind(conn: Connection) -> Iterator[None]:
+    """Make ``conn`` the connection the storage reads and writes through in this context."""
+    token = _current.set(conn)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _conn() -> Connection:
+    conn = _current.get()
+    if conn is None:
+        raise RuntimeError("the SCIM storage is used outside of a request transaction")
+    return conn
+
+
+def _utc(stamp: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every stamp is written in UTC.
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+
+
+def etag(version: int) -> str:
+    return f'W/"{version}"'
+
+
+def _version_of(expected: str | None) -> int | None:
+    if expected is None:
+        return None
+    try:
+        return int(expected.removeprefix("W/").strip('"'))
+    except ValueError:
+        # An ETag we never issued can match no stored version.
+        return -1
+
+
+def changed_paths(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """Attribute paths whose values differ, down to sub-attributes of complex and extension attributes."""
+    out: set[str] = set()
+    for key in old.keys() | new.keys():
+        if key == "schemas":
+            continue
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            sep = ":" if key.startswith("urn:") else "."
+            out |= changed_paths(a, b, path + sep)
+        else:
+            out.add(path)
+    return out
+
+
+def _primary_email(doc: Mapping[str, Any]) -> str | None:
+    emails = doc.get("emails") or []
+    chosen = next((e for e in emails if e.get("primary")), emails[0] if emails else None)
+    value = chosen.get("value") if chosen else None
+    return value.lower() if isinstance(value, str) else None
+
+
+def user_columns(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The indexed copies of a User document's attributes."""
+    user_name = doc.get("userName")
+    return {
+        "user_name": user_name,
+        "user_name_ci": user_name.lower() if isinstance(user_name, str) else None,
+        "external_id": doc.get("externalId"),
+        "email_ci": _primary_email(doc),
+        # RFC 7643 leaves active's default to the provider: absent means active here.
+        "active": doc.get("active", True) is not False,
+    }
+
+
+def group_columns(doc: Mapping[str, Any]) -> dict[str, Any]:
+    name = doc.get("displayName")
+    return {
+        "display_name": name,
+        "display_name_ci": name.lower() if isinstance(name, str) else None,
+        "external_id": doc.get("externalId"),
+    }
+
+
+Member = tuple[str, str, str | None]  # id, resource type, display
+
+# Attributes copied into indexed columns must fit them.
+COLUMN_LIMITS = {"userName": 256, "externalId": 256, "displayName": 256, "emails.value": 320}
+
+
+class SqlStorage(ScimStorage):
+    """The hub's store of Users and Groups, behind scim2-server's storage contract."""
+
+    def __init__(self, provider: ScimProvider, *, max_string_length: int = 2048) -> None:
+        self.provider = provider
+        self.max_string_length = max_string_length
+
+    def _check_values(self, doc: Any, path: str = "") -> None:
+        """Refuse strings the store cannot or should not keep, before they reach the database."""
+        if isinstance(doc, dict):
+            for key, value in doc.items():
+                self._check_values(value, f"{path}.{key}" if path else key)
+        elif isinstance(doc, list):
+            for value in doc:
+                self._check_values(value, path)
+        elif isinstance(doc, str):
+            limit = COLUMN_LIMITS.get(path, self.max_string_length)
+            if len(doc) > limit:
+                raise InvalidValueException(detail=f"{path} is longer than {limit} characters")
+            if "\x00" in doc:
+                raise InvalidValueException(detail=f"{path} holds a NUL character")
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def model(self, resource_type: ResourceType) -> type[Resource[Any]]:
+        return self.provider.model_for(resource_type)  # type: ignore[return-value]
+
+    @staticmethod
+    def _is_user(resource_type: ResourceType) -> bool:
+        return resource_type.name == "User"
+
+    def _table(self, resource_type: ResourceType) -> Table:
+        if resource_type.name == "User":
+            return identities
+        if resource_type.name == "Group":
+            return groups
+        raise NotImplementedException(detail=f"no storage for {resource_type.name}")
+
+    def _doc_of(self, resource: Resource[Any]) -> dict[str, Any]:
+        doc = resource.model_dump(exclude={"id", "meta"})
+        doc.pop("members", None)
+        self._check_values(doc)
+        return doc
+
+    def _build(
+        self,
+        resource_type: ResourceType,
+        row: Any,
+        members: list[dict[str, Any]] | None = None,
+    ) -> Resource[Any]:
+        payload = dict(row.doc)
+        payload["id"] = row.id
+        if members:
+            payload["members"] = members
+        resource = self.model(resource_type).model_validate(payload)
+        resource.meta = Meta(
+            resource_type=resource_type.name,
+            created=_utc(row.created_at),
+            last_modified=_utc(row.updated_at),
+            version=etag(row.version),
+        )
+        return resource
+
+    def _members(self, conn: Connection, group_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {gid: [] for gid in group_ids}
+        if not group_ids:
+            return out
+        rows = conn.execute(
+            select(
+                group_members.c.group_id,
+                group_members.c.member_id,
+                group_members.c.member_type,
+                group_members.c.display,
+            )
+            .where(group_members.c.group_id.in_(group_ids))
+            .order_by(group_members.c.group_id, group_members.c.member_id)
+        )
+        for gid, mid, mtype, display in rows:
+            member = {"value": mid, "type": mtype, "$ref": f"{mtype}s/{mid}"}
+            if display is not None:
+                member["display"] = display
+            out[gid].append(member)
+        return out
+
+    def _row(self, conn: Connection, table: Table, resource_id: str, *, lock: bool = False) -> Any:
+        query = select(table).where(table.c.id == resource_id, table.c.deleted_at.is_(None))
+        if lock:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise NotFoundException(detail=f"Resource {resource_id} not found")
+        return row
+
+    def _check_unique_user(self, conn: Connection, columns: Mapping[str, Any], own_id: str | None) -> None:
+        ci = columns["user_name_ci"]
+        if ci is None:
+            return
+        query = select(identities.c.id).where(identities.c.user_name_ci == ci)
+        if own_id is not None:
+            query = query.where(identities.c.id != own_id)
+        if conn.execute(query).first() is not None:
+            raise UniquenessException(detail="userName is already taken")
+
+    def _check_members(self, conn: Connection, members: list[dict[str, Any]]) -> list[Member]:
+        """Members as (id, type, display), each one an existing User or Group."""
+        wanted: dict[str, str | None] = {}
+        for member in members:
+            value = member.get("value")
+            if not value:
+                continue
+            wanted[value] = member.get("display")
+        if not wanted:
+            return []
+        ids = list(wanted)
+        users = {
+            r[0]
+            for r in conn.execute(
+                select(identities.c.id).where(identities.c.id.in_(ids), identities.c.deleted_at.is_(None))
+            )
+        }
+        found_groups = {
+            r[0]
+            for r in conn.execute(
+                select(groups.c.id).where(groups.c.id.in_(ids), groups.c.deleted_at.is_(None))
+            )
+        }
+        out = []
+        for mid in ids:
+            if mid in users:
+                out.append((mid, "User", wanted[mid]))
+            elif mid in found_groups:
+                out.append((mid, "Group", wanted[mid]))
+            else:
+                raise InvalidValueException(detail=f"member {mid} is neither a User nor a Group")
+        return out
+
+    # -- ScimStorage ------------------------------------------------------------------------------
+
+    def get(
+        self,
+        resource_type: ResourceType,
+        resource_id: str,
+        *,
+        response_parameters: ResponseParameters[Any] | None = None,
+    ) -> Resource[Any]:
+        conn = _conn()
+        row = self._row(conn, self._table(resource_type), resource_id)
+        members = None if self._is_user(resource_type) else self._members(conn, [row.id])[row.id]
+        return self._build(resource_type, row, members)
+
+    def search(
+        self,
+        resource_types: list[ResourceType],
+        search_request: SearchRequest[Any],
+        *,
+        position: Any = None,
+    ) -> SearchPage:
+        if len(resource_types) != 1:
+            raise NotImplementedException(detail="search one resource type at a time")
+        resource_type = resource_types[0]
+        conn = _conn()
+        table = self._table(resource_type)
+        model = self.model(resource_type)
+        from orchestrator.scim import filters
+
+        dialect = conn.dialect.name
+        condition: ColumnElement[bool] = table.c.deleted_at.is_(None)
+        if search_request.filter is not None:
+            condition = and_(condition, filters.where(search_request.filter, model, table, dialect))
+        total = conn.execute(select(func.count()).select_from(table).where(condition)).scalar_one()
+        start = max(search_request.start_index or 1, 1)
+        count = search_request.count
+        query = select(table).where(condition)
+        descending = str(getattr(search_request, "sort_order", "") or "").lower().endswith("descending")
+        if search_request.sort_by:
+            query = query.order_by(
+                *filters.order_by(str(search_request.sort_by), descending, model, table, dialect)
+            )
+        else:
+            query = query.order_by(table.c.created_at, table.c.id)
+        query = query.offset(start - 1)
+        if count is not None:
+            query = query.limit(count)
+        rows = conn.execute(query).all() if count != 0 else []
+        members = {} if self._is_user(resource_type) else self._members(conn, [r.id for r in rows])
+        return SearchPage(
+            total=total,
+            resources=[self._build(resource_type, r, members.get(r.id)) for r in rows],
+        )
+
+    def create(self, resource_type: ResourceType, resource: Resource[Any]) -> Resource[Any]:
+        conn = _conn()
+        table = self._table(resource_type)
+        doc = self._doc_of(resource)
+        resource_id = str(uuid.uuid4())
+        stamp = now()
+        is_user = self._is_user(resource_type)
+        if is_user:
+            columns = user_columns(doc)
+            self._check_unique_user(conn, columns, None)
+        else:
+            columns = group_columns(doc)
+            member_pairs = self._check_members(
+                conn, [m.model_dump() for m in (getattr(resource, "members", None) or [])]
+            )
+        try:
+            conn.execute(
+                insert(table).values(
+                    id=resource_id, version=1, doc=doc, created_at=stamp, updated_at=stamp, **columns
+                )
+            )
+        except IntegrityError as exc:
+            raise UniquenessException(detail="a unique value is already taken") from exc
+        changed = changed_paths({}, doc)
+        if not is_user:
+            self._write_members(conn, resource_id, member_pairs)
+            if member_pairs:
+                changed.add("members")
+        emit(conn, str(resource_type.name), resource_id, 1, Kind.CREATED, changed)
+        return self._stored_copy(conn, resource_type, resource_id)
+
+    def _stored_copy(self, conn: Connection, resource_type: ResourceType, resource_id: str) -> Resource[Any]:
+        row = self._row(conn, self._table(resource_type), resource_id)
+        members = None if self._is_user(resource_type) else self._members(conn, [resource_id])[resource_id]
+        return self._build(resource_type, row, members)
+
+    def _write_members(self, conn: Connection, group_id: str, members: list[Member]) -> None:
+        conn.execute(delete(group_members).where(group_members.c.group_id == group_id))
+        if members:
+            conn.execute(
+                insert(group_members),
+                [
+                    {"group_id": group_id, "member_id": mid, "member_type": mtype, "display": display}
+                    for mid, mtype, display in members
+                ],
+            )
+
+    def update(
+        self,
+        resource_type: ResourceType,
+        resource: Resource[Any],
+        *,
+        expected_version: str | None = None,
+    ) -> Resource[Any]:
+        conn = _conn()
+        table = self._table(resource_type)
+        assert resource.id is not None
+        row = self._row(conn, table, resource.id, lock=True)
+        expected = _version_of(expected_version)
+        if expected is not None and expected != row.version:
+            raise PreconditionFailedException(detail="the resource changed since that version")
+        doc = self._doc_of(resource)
+        changed = changed_paths(row.doc, doc)
+        is_user = self._is_user(resource_type)
+        kind = Kind.UPDATED
+        if is_user:
+            columns = user_columns(doc)
+            self._check_unique_user(conn, columns, row.id)
+            if row.active and not columns["active"]:
+                kind = Kind.DEACTIVATED
+            elif not row.active and columns["active"]:
+                kind = Kind.REACTIVATED
+        else:
+            columns = group_columns(doc)
+            new_pairs = self._check_members(
+                conn, [m.model_dump() for m in (getattr(resource, "members", None) or [])]
+            )
+            old_pairs = {
+                (m["value"], m["type"], m.get("display")) for m in self._members(conn, [row.id])[row.id]
+            }
+            if set(new_pairs) != old_pairs:
+                self._write_members(conn, row.id, new_pairs)
+                changed.add("members")
+                kind = Kind.MEMBERS_CHANGED
+        if not changed:
+            # Nothing changed: keep the version and the ETag, and send no event.
+            return self._build(resource_type, row, None if is_user else self._members(conn, [row.id])[row.id])
+        version = row.version + 1
+        try:
+            conn.execute(
+                update(table)
+                .where(table.c.id == row.id)
+                .values(version=version, doc=doc, updated_at=now(), **columns)
+            )
+        except IntegrityError as exc:
+            raise UniquenessException(detail="a unique value is already taken") from exc
+        emit(conn, str(resource_type.name), row.id, version, kind, changed)
+        return self._stored_copy(conn, resource_type, row.id)
+
+    def delete(
+        self,
+        resource_type: ResourceType,
+        resource_id: str,
+        *,
+        expected_version: str | None = None,
+    ) -> None:
+        conn = _conn()
+        table = self._table(resource_type)
+        row = self._row(conn, table, resource_id, lock=True)
+        expected = _version_of(expected_version)
+        if expected is not None and expected != row.version:
+            raise PreconditionFailedException(detail="the resource changed since that version")
+        tombstone(conn, str(resource_type.name), row.id, row.version)
+
+
+def tombstone(conn: Connection, resource_type: str, resource_id: str, version: int) -> None:
+    """Erase a resource's personal data at once, keeping only its id, version and deletion time."""
+    table = identities if resource_type == "User" else groups
+    stamp = now()
+    blank = {c: None for c in (user_columns({}) if resource_type == "User" else group_columns({}))}
+    conn.execute(
+        update(table)
+        .where(table.c.id == resource_id)
+        .values(version=version + 1, doc={}, updated_at=stamp, deleted_at=stamp, **blank)
+    )
+    emit(conn, resource_type, resource_id, version + 1, Kind.DELETED, ["*"])
+    if resource_type == "Group":
+        conn.execute(delete(group_members).where(group_members.c.group_id == resource_id))
+    # The resource leaves every group it was in: those groups change too.
+    affected = [
+        r[0]
+        for r in conn.execute(
+            select(group_members.c.group_id).where(group_members.c.member_id == resource_id)
+        )
+    ]
+    if affected:
+        conn.execute(delete(group_members).where(group_members.c.member_id == resource_id))
+        for gid in affected:
+            new_version = conn.execute(
+                update(groups)
+                .where(groups.c.id == gid)
+                .values(version=groups.c.version + 1, updated_at=stamp)
+                .returning(groups.c.version)
+            ).scalar_one()
+            emit(conn, "Group", gid, new_version, Kind.MEMBERS_CHANGED, ["members"])

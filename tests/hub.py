@@ -1,0 +1,91 @@
+"""Test helpers for the hub: a hub on a store, an HTTP client with a token, a live server on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
+
+from orchestrator.api import create_app
+from orchestrator.auth import create_token
+from orchestrator.db import make_engine, outbox
+from orchestrator.settings import Settings
+
+SCIM = "application/scim+json"
+USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
+GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
+CUSTOMER = "urn:idhub:schemas:extension:customer:2.0:User"
+PATCH_SCHEMA = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+
+
+def make_hub(url: str, **overrides: Any) -> tuple[FastAPI, Engine]:
+    settings = Settings(database_url=url, **overrides)
+    engine = make_engine(settings.database_url)
+    return create_app(settings, engine), engine
+
+
+def client(
+    app: FastAPI, engine: Engine, scopes: tuple[str, ...] = ("admin",), name: str = "test"
+) -> TestClient:
+    token = create_token(engine, name, list(scopes))
+    return TestClient(app, headers={"Authorization": f"Bearer {token}", "Content-Type": SCIM})
+
+
+def user(user_name: str, **extra: Any) -> dict[str, Any]:
+    schemas = [USER_SCHEMA] + ([CUSTOMER] if CUSTOMER in extra else [])
+    return {"schemas": schemas, "userName": user_name, **extra}
+
+
+def patch(*operations: dict[str, Any]) -> dict[str, Any]:
+    return {"schemas": [PATCH_SCHEMA], "Operations": list(operations)}
+
+
+def events(engine: Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return conn.execute(select(outbox).order_by(outbox.c.seq)).all()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a loopback port in a thread; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def wait_http(url: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
