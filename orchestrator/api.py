@@ -154,9 +154,13 @@ class Hub:
             operation = self.service.match(request).operation
             if operation is not Operation.service_provider_config:
                 request.subject = self._authenticate(request)
-            with self.engine.begin() as conn, scim_storage.bind(conn):
+            write = request.method.upper() not in ("GET", "HEAD") and operation not in READ_OPERATIONS
+            with (
+                self.engine.begin() as conn,
+                scim_storage.bind(conn, write=write, bulk=operation is Operation.bulk),
+            ):
                 response = self.handler.handle(request)
-                if request.method.upper() != "GET" and conn.dialect.name == "postgresql":
+                if write and conn.dialect.name == "postgresql":
                     # Wakes relays at commit; polling covers a missed notification.
                     conn.execute(text("NOTIFY idhub_outbox"))
         except SCIMException as exc:
@@ -223,6 +227,13 @@ def create_app(settings: Settings, engine: Engine | None = None, *, migrate: boo
         return _to_response(response)
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory``: the app on the settings of the environment."""
+    from orchestrator import settings as settings_module
+
+    return create_app(settings_module.get())
 
 
 def _to_response(response: ScimResponse) -> Response:

@@ -32,6 +32,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from orchestrator.api import create_app
 
     cfg = settings.get()
+    if args.workers > 1:
+        _engine()  # migrate once, before the workers race to
+        uvicorn.run(
+            "orchestrator.api:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level="warning",
+            access_log=False,
+        )
+        return 0
     app = create_app(cfg, _engine())
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
@@ -111,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the SCIM API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes (PostgreSQL stores only)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("db", help="database schema")

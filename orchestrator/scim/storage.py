@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,30 +29,57 @@ from scim2_models import (
 )
 from scim2_server.storage import ScimStorage, SearchPage
 from sqlalchemy import ColumnElement, Table, and_, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 
 from orchestrator.db import group_members, groups, identities, now
 from orchestrator.outbox import Kind, emit
 
-_current: ContextVar[Connection | None] = ContextVar("idhub_scim_connection", default=None)
+
+@dataclass
+class _Unit:
+    """One request's unit of work: its connection, whether it writes, and the rows it has locked."""
+
+    conn: Connection
+    write: bool
+    bulk: bool
+    rows: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+
+_current: ContextVar[_Unit | None] = ContextVar("idhub_scim_unit", default=None)
 
 
 @contextmanager
-def bind(conn: Connection) -> Iterator[None]:
-    """Make ``conn`` the connection the storage reads and writes through in this context."""
-    token = _current.set(conn)
+def bind(conn: Connection, *, write: bool = False, bulk: bool = False) -> Iterator[None]:
+    """Make ``conn`` the connection the storage works through for one request.
+
+    In a writing request every row read is locked at once, so a read-modify-write (PATCH, PUT) cannot
+    interleave with another request's and answer a spurious 412.
+    """
+    token = _current.set(_Unit(conn, write, bulk))
     try:
         yield
     finally:
         _current.reset(token)
 
 
-def _conn() -> Connection:
-    conn = _current.get()
-    if conn is None:
+def _unit() -> _Unit:
+    unit = _current.get()
+    if unit is None:
         raise RuntimeError("the SCIM storage is used outside of a request transaction")
-    return conn
+    return unit
+
+
+def _conn() -> Connection:
+    return _unit().conn
+
+
+def _insert_new(conn: Connection, table: Table, values: Mapping[str, Any]) -> bool:
+    """Insert a row unless a unique key is taken; True when inserted. One round trip, no aborted transaction."""
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    statement = dialect_insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
+    return conn.execute(statement).first() is not None
 
 
 def _utc(stamp: datetime) -> datetime:
@@ -210,14 +238,28 @@ class SqlStorage(ScimStorage):
             out[gid].append(member)
         return out
 
-    def _row(self, conn: Connection, table: Table, resource_id: str, *, lock: bool = False) -> Any:
+    def _row(self, conn: Connection, table: Table, resource_id: str) -> Any:
+        unit = _unit()
+        key = (table.name, resource_id)
+        if key in unit.rows:
+            return unit.rows[key]
         query = select(table).where(table.c.id == resource_id, table.c.deleted_at.is_(None))
-        if lock:
+        if unit.write:
             query = query.with_for_update()
         row = conn.execute(query).first()
         if row is None:
             raise NotFoundException(detail=f"Resource {resource_id} not found")
+        if unit.write:
+            unit.rows[key] = row
         return row
+
+    def operation(self) -> AbstractContextManager[Any]:
+        """A savepoint per Bulk operation, so a failed one leaves the others (RFC 7644 §3.7)."""
+        unit = _unit()
+        if unit.bulk and unit.write:
+            unit.rows.clear()
+            return unit.conn.begin_nested()
+        return nullcontext()
 
     def _check_unique_user(self, conn: Connection, columns: Mapping[str, Any], own_id: str | None) -> None:
         ci = columns["user_name_ci"]
@@ -325,27 +367,43 @@ class SqlStorage(ScimStorage):
         is_user = self._is_user(resource_type)
         if is_user:
             columns = user_columns(doc)
-            self._check_unique_user(conn, columns, None)
         else:
             columns = group_columns(doc)
             member_pairs = self._check_members(
                 conn, [m.model_dump() for m in (getattr(resource, "members", None) or [])]
             )
-        try:
-            conn.execute(
-                insert(table).values(
-                    id=resource_id, version=1, doc=doc, created_at=stamp, updated_at=stamp, **columns
-                )
-            )
-        except IntegrityError as exc:
-            raise UniquenessException(detail="a unique value is already taken") from exc
+        values = {"id": resource_id, "version": 1, "doc": doc, "created_at": stamp, "updated_at": stamp}
+        if not _insert_new(conn, table, {**values, **columns}):
+            raise UniquenessException(detail="userName is already taken")
         changed = changed_paths({}, doc)
         if not is_user:
             self._write_members(conn, resource_id, member_pairs)
             if member_pairs:
                 changed.add("members")
         emit(conn, str(resource_type.name), resource_id, 1, Kind.CREATED, changed)
-        return self._stored_copy(conn, resource_type, resource_id)
+        if not is_user:
+            return self._stored_copy(conn, resource_type, resource_id)
+        return self._stamped(resource, resource_type, resource_id, stamp, stamp, 1)
+
+    @staticmethod
+    def _stamped(
+        resource: Resource[Any],
+        resource_type: ResourceType,
+        resource_id: str,
+        created: datetime,
+        modified: datetime,
+        version: int,
+    ) -> Resource[Any]:
+        """The stored state of a resource just written, without reading it back."""
+        stored = resource.model_copy(deep=True)
+        stored.id = resource_id
+        stored.meta = Meta(
+            resource_type=resource_type.name,
+            created=_utc(created),
+            last_modified=_utc(modified),
+            version=etag(version),
+        )
+        return stored
 
     def _stored_copy(self, conn: Connection, resource_type: ResourceType, resource_id: str) -> Resource[Any]:
         row = self._row(conn, self._table(resource_type), resource_id)
@@ -373,7 +431,7 @@ class SqlStorage(ScimStorage):
         conn = _conn()
         table = self._table(resource_type)
         assert resource.id is not None
-        row = self._row(conn, table, resource.id, lock=True)
+        row = self._row(conn, table, resource.id)
         expected = _version_of(expected_version)
         if expected is not None and expected != row.version:
             raise PreconditionFailedException(detail="the resource changed since that version")
@@ -383,7 +441,8 @@ class SqlStorage(ScimStorage):
         kind = Kind.UPDATED
         if is_user:
             columns = user_columns(doc)
-            self._check_unique_user(conn, columns, row.id)
+            if columns["user_name_ci"] != row.user_name_ci:
+                self._check_unique_user(conn, columns, row.id)
             if row.active and not columns["active"]:
                 kind = Kind.DEACTIVATED
             elif not row.active and columns["active"]:
@@ -404,16 +463,17 @@ class SqlStorage(ScimStorage):
             # Nothing changed: keep the version and the ETag, and send no event.
             return self._build(resource_type, row, None if is_user else self._members(conn, [row.id])[row.id])
         version = row.version + 1
-        try:
-            conn.execute(
-                update(table)
-                .where(table.c.id == row.id)
-                .values(version=version, doc=doc, updated_at=now(), **columns)
-            )
-        except IntegrityError as exc:
-            raise UniquenessException(detail="a unique value is already taken") from exc
+        stamp = now()
+        conn.execute(
+            update(table)
+            .where(table.c.id == row.id)
+            .values(version=version, doc=doc, updated_at=stamp, **columns)
+        )
+        _unit().rows.pop((table.name, row.id), None)
         emit(conn, str(resource_type.name), row.id, version, kind, changed)
-        return self._stored_copy(conn, resource_type, row.id)
+        if not is_user:
+            return self._stored_copy(conn, resource_type, row.id)
+        return self._stamped(resource, resource_type, row.id, row.created_at, stamp, version)
 
     def delete(
         self,
@@ -424,10 +484,11 @@ class SqlStorage(ScimStorage):
     ) -> None:
         conn = _conn()
         table = self._table(resource_type)
-        row = self._row(conn, table, resource_id, lock=True)
+        row = self._row(conn, table, resource_id)
         expected = _version_of(expected_version)
         if expected is not None and expected != row.version:
             raise PreconditionFailedException(detail="the resource changed since that version")
+        _unit().rows.pop((table.name, row.id), None)
         tombstone(conn, str(resource_type.name), row.id, row.version)
 
 

@@ -1,0 +1,453 @@
+"""Attribute mapping: build a target's payload from a hub identity, holding only the attributes it names.
+
+A mapping is ``{target field path: hub attribute path}``. Target field paths are dotted and case-kept
+(``merge_fields.FNAME`` gives ``{"merge_fields": {"FNAME": ...}}``). Hub attribute paths are SCIM paths,
+matched case-insensitively:
+
+- ``userName``, ``name.givenName``: a plain attribute or a sub-attribute;
+- ``emails``: a multi-valued attribute, whole; ``emails.value``: the list of its ``value`` sub-attributes;
+- ``emails[type eq "work"]``: the values a filter selects (a list);
+- ``emails[primary eq true].value``: the sub-attribute of the FIRST selected value; no implicit fallback;
+- ``urn:idhub:schemas:extension:customer:2.0:User:loyalty.tier``: an extension attribute by full URN; the
+  short form ``loyalty.tier`` works too when exactly one schema of the hub's User declares the attribute;
+- ``a | b``: the first alternative that has a value, e.g. ``emails[primary eq true].value |
+  emails[value pr].value`` (the primary e-mail, else the first one). A consent reads as
+  ``consents[purpose eq "marketing_email"].granted``.
+
+Missing or empty values are left out, never sent as null. Datetimes become ISO 8601 strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from inspect import isclass
+from typing import Any, Final
+
+from pydantic import BaseModel, ValidationError
+from scim2_models import EnterpriseUser, Path, ScimFilter, SearchRequest, User
+from scim2_models.path.expressions import (
+    AttrPath,
+    CompareOperator,
+    Comparison,
+    FilterNode,
+    LogicalExpr,
+    LogicalOperator,
+    Not,
+    Present,
+    ValuePath,
+)
+
+from orchestrator.scim.schemas import CustomerUser
+
+HubUser = User[EnterpriseUser | CustomerUser]
+"""The hub's User resource: core User with the enterprise and the customer extensions."""
+
+CORE_USER_SCHEMA: Final = "urn:ietf:params:scim:schemas:core:2.0:User"
+
+Doc = Mapping[str, Any]
+Getter = Callable[[Doc], Any]
+Mapper = Callable[[Doc], dict[str, Any]]
+
+
+class MappingError(ValueError):
+    """A mapping entry that cannot be compiled; the message names the target field."""
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = _Missing()
+"""What a getter returns when the identity has no value at that path."""
+
+
+def _aliases(model: type[Any]) -> set[str]:
+    return {(f.serialization_alias or name).lower() for name, f in model.model_fields.items()}
+
+
+_CORE_ATTRS: Final = _aliases(User) - {"schemas"}
+_EXTENSION_ATTRS: Final = {urn: _aliases(ext) for urn, ext in HubUser.get_extension_models().items()}
+
+
+def schema_of(attr: str) -> str | None:
+    """The extension URN holding the unqualified attribute ``attr``, None when core or unknown."""
+    name = attr.lower()
+    if name in _CORE_ATTRS:
+        return None
+    owners = [urn for urn, names in _EXTENSION_ATTRS.items() if name in names]
+    return owners[0] if len(owners) == 1 else None
+
+
+def qualify(attr_path: AttrPath) -> AttrPath:
+    """``attr_path`` with the URN of its extension added when it names an extension attribute unqualified."""
+    if attr_path.uri is not None:
+        return attr_path
+    urn = schema_of(attr_path.attr)
+    return attr_path if urn is None else AttrPath(attr_path.attr, attr_path.sub_attr, urn)
+
+
+def _qualify_node(node: FilterNode) -> FilterNode:
+    if isinstance(node, Comparison):
+        return Comparison(qualify(node.attr_path), node.op, node.value)
+    if isinstance(node, Present):
+        return Present(qualify(node.attr_path))
+    if isinstance(node, Not):
+        return Not(_qualify_node(node.expr))
+    if isinstance(node, LogicalExpr):
+        return LogicalExpr(node.op, tuple(_qualify_node(t) for t in node.terms))
+    if isinstance(node, ValuePath):
+        return ValuePath(qualify(node.attr_path), node.val_filter, node.sub_attr)
+    raise TypeError(f"unsupported filter node {type(node).__name__}")
+
+
+def parse_user_filter(text: str) -> FilterNode:
+    """Parse a SCIM filter over the hub's User, extension attributes qualified; ValueError when invalid.
+
+    Unknown attributes are errors here (a typo in a scope must not silently put everyone out of it).
+    """
+    try:
+        node = _qualify_node(ScimFilter(text).ast)
+        ScimFilter[HubUser](node)  # binding checks operators and values against the attribute types
+        SearchRequest[HubUser](filter=str(node))  # and this refuses unknown attributes
+    except ValidationError as exc:
+        raise ValueError(exc.errors()[0]["msg"]) from None
+    except Exception as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from None
+    return node
+
+
+def _ci_get(obj: Any, key: str, lkey: str) -> Any:
+    """``obj[key]`` matched case-insensitively, MISSING when absent or None."""
+    if not isinstance(obj, Mapping):
+        return MISSING
+    value = obj.get(key, MISSING)
+    if value is MISSING:
+        for k, v in obj.items():
+            if k.lower() == lkey:
+                value = v
+                break
+    return MISSING if value is None else value
+
+
+def _lowered(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _ordered(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    def compare(a: Any, b: Any) -> bool:
+        try:
+            return bool(op(a, b))
+        except TypeError:
+            return False
+
+    return compare
+
+
+_OPS: Final[dict[CompareOperator, Callable[[Any, Any], bool]]] = {
+    CompareOperator.eq: operator.eq,
+    CompareOperator.ne: operator.ne,
+    CompareOperator.co: lambda a, b: isinstance(a, str) and isinstance(b, str) and b in a,
+    CompareOperator.sw: lambda a, b: isinstance(a, str) and isinstance(b, str) and a.startswith(b),
+    CompareOperator.ew: lambda a, b: isinstance(a, str) and isinstance(b, str) and a.endswith(b),
+    CompareOperator.gt: _ordered(operator.gt),
+    CompareOperator.ge: _ordered(operator.ge),
+    CompareOperator.lt: _ordered(operator.lt),
+    CompareOperator.le: _ordered(operator.le),
+}
+
+
+def _steps_getter(steps: Sequence[tuple[str, str]]) -> Callable[[Any], Any]:
+    """Walk case-insensitive keys; a list met on the way gives the list of what each value holds."""
+
+    def get(obj: Any) -> Any:
+        for key, lkey in steps:
+            if isinstance(obj, list):
+                found = [v for v in (_ci_get(o, key, lkey) for o in obj) if v is not MISSING]
+                obj = found or MISSING
+            else:
+                obj = _ci_get(obj, key, lkey)
+        return obj
+
+    return get
+
+
+def _case_exact(path_text: str) -> bool:
+    try:
+        binding = Path[HubUser](path_text).resolve()
+    except Exception:
+        return False
+    return bool(binding is not None and binding.case_exact)
+
+
+def _operand_getter(attr_path: AttrPath, outer: AttrPath | None) -> tuple[Callable[[Any], Any], bool]:
+    """A getter of the compared value(s), and whether the attribute compares case-exactly.
+
+    At the top (``outer`` None) it reads a document; inside ``outer[...]`` it reads one value of ``outer``.
+    A comparison against a multi-valued complex attribute compares its ``value`` (RFC 7644 §3.4.2.2).
+    """
+    names = [n for n in (attr_path.attr, attr_path.sub_attr) if n is not None]
+    if outer is None:
+        full = str(attr_path)
+        container = _container_getter(attr_path)
+    else:
+        full = f"{outer}.{'.'.join(names)}"
+        container = _identity
+    binding = None
+    with contextlib.suppress(Exception):
+        binding = Path[HubUser](full).resolve()
+    complex_values = (
+        binding is not None and isclass(binding.field_type) and issubclass(binding.field_type, BaseModel)
+    )
+    if binding is not None and binding.is_multivalued and binding.sub_field_name is None and complex_values:
+        names.append("value")
+        full += ".value"
+    walk = _steps_getter([(n, n.lower()) for n in names])
+    return (lambda obj: walk(container(obj))), _case_exact(full)
+
+
+def _identity(obj: Any) -> Any:
+    return obj
+
+
+def compile_filter(node: FilterNode, outer: AttrPath | None = None) -> Callable[[Any], bool]:
+    """Compile a (qualified) filter over the hub's User into a test of one SCIM document, as a dict.
+
+    Inside a value selection (``outer`` set) it tests one value of ``outer``. String comparisons are
+    case-insensitive unless the attribute is caseExact; a multi-valued attribute matches when any value does.
+    """
+    if isinstance(node, Comparison):
+        get, exact = _operand_getter(node.attr_path, outer)
+        compare = _OPS[node.op]
+        norm = _identity if exact else _lowered
+        expected = norm(node.value)
+        if node.value is None:  # ``x eq null`` asks for absence (RFC 7644 §3.4.2.2)
+            wanted = node.op is CompareOperator.eq
+            return lambda obj: (get(obj) is MISSING) == wanted
+
+        def comparison(obj: Any) -> bool:
+            value = get(obj)
+            if value is MISSING:
+                return node.op is CompareOperator.ne
+            values = value if isinstance(value, list) else (value,)
+            return any(compare(norm(v), expected) for v in values)
+
+        return comparison
+    if isinstance(node, Present):
+        get, _ = _operand_getter(node.attr_path, outer)
+        return lambda obj: get(obj) not in (MISSING, "", [])
+    if isinstance(node, Not):
+        inner = compile_filter(node.expr, outer)
+        return lambda obj: not inner(obj)
+    if isinstance(node, LogicalExpr):
+        terms = [compile_filter(t, outer) for t in node.terms]
+        if node.op is LogicalOperator.and_:
+            return lambda obj: all(t(obj) for t in terms)
+        return lambda obj: any(t(obj) for t in terms)
+    if isinstance(node, ValuePath) and outer is None:
+        values = _steps_getter([(node.attr_path.attr, node.attr_path.attr.lower())])
+        container = _container_getter(node.attr_path)
+        selects = compile_filter(node.val_filter, node.attr_path)
+
+        def value_path(obj: Any) -> bool:
+            found = values(container(obj))
+            return isinstance(found, list) and any(selects(v) for v in found)
+
+        return value_path
+    raise ValueError(f"unsupported filter expression: {node}")
+
+
+def _container_getter(attr_path: AttrPath) -> Getter:
+    urn = attr_path.uri
+    if urn is None or urn.lower() == CORE_USER_SCHEMA.lower():
+        return lambda doc: doc
+    lurn = urn.lower()
+    return lambda doc: _ci_get(doc, urn, lurn)
+
+
+def _single_getter(text: str) -> Getter:
+    try:
+        path = Path[HubUser](text)
+    except Exception as exc:
+        raise MappingError(f"invalid path {text!r}: {exc}") from None
+    node = path.ast
+    attr_path = node.attr_path if isinstance(node, ValuePath) else node
+    if not isinstance(attr_path, AttrPath):
+        raise MappingError(f"invalid path {text!r}")
+    attr_path = qualify(attr_path)
+    qualified = str(attr_path) if not isinstance(node, ValuePath) else f"{attr_path}[{node.val_filter}]"
+    if isinstance(node, ValuePath) and node.sub_attr:
+        qualified += f".{node.sub_attr}"
+    if Path[HubUser](qualified).resolve() is None:
+        raise MappingError(f"unknown attribute {text!r}")
+    if isinstance(node, ValuePath):
+        try:
+            parse_user_filter(f"{attr_path}[{node.val_filter}]")
+        except ValueError as exc:
+            raise MappingError(f"invalid filter in {text!r}: {exc}") from None
+    container = _container_getter(attr_path)
+    attr, lattr = attr_path.attr, attr_path.attr.lower()
+
+    if isinstance(node, ValuePath):
+        matches = compile_filter(node.val_filter, attr_path)
+        if node.sub_attr is None:
+
+            def select_all(doc: Doc) -> Any:
+                values = _ci_get(container(doc), attr, lattr)
+                chosen = [v for v in values if matches(v)] if isinstance(values, list) else []
+                return chosen or MISSING
+
+            return select_all
+        sub, lsub = node.sub_attr, node.sub_attr.lower()
+
+        def select_first(doc: Doc) -> Any:
+            values = _ci_get(container(doc), attr, lattr)
+            if isinstance(values, list):
+                for v in values:
+                    if matches(v):
+                        return _ci_get(v, sub, lsub)
+            return MISSING
+
+        return select_first
+
+    if attr_path.sub_attr is None:
+        return lambda doc: _ci_get(container(doc), attr, lattr)
+    sub, lsub = attr_path.sub_attr, attr_path.sub_attr.lower()
+
+    def sub_attribute(doc: Doc) -> Any:
+        value = _ci_get(container(doc), attr, lattr)
+        if isinstance(value, list):  # ``emails.value``: one per value, as a SCIM filter reads it
+            subs = [s for s in (_ci_get(v, sub, lsub) for v in value) if s is not MISSING]
+            return subs or MISSING
+        return _ci_get(value, sub, lsub)
+
+    return sub_attribute
+
+
+def _split_alternatives(text: str) -> list[str]:
+    """Split on ``|`` outside quotes and brackets."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for i, ch in enumerate(text):
+        if quoted:
+            quoted = ch != '"' or text[i - 1] == "\\"
+        elif ch == '"':
+            quoted = True
+        elif ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def compile_path(text: str) -> Getter:
+    """A function reading the hub attribute path ``text`` from a SCIM document, MISSING when absent."""
+    getters = [_single_getter(part) for part in _split_alternatives(text)]
+    if len(getters) == 1:
+        return getters[0]
+
+    def first_present(doc: Doc) -> Any:
+        for get in getters:
+            value = get(doc)
+            if value is not MISSING and value != []:
+                return value
+        return MISSING
+
+    return first_present
+
+
+def _plain(value: Any) -> Any:
+    """A copy safe to hand to a connector: no aliasing of the hub's document, datetimes as ISO strings."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def compile_mapping(mapping: Mapping[str, str]) -> Mapper:
+    """Compile ``{target field path: hub attribute path}`` once into a fast document -> payload function.
+
+    Raises MappingError (its message names the target field) for a bad path or clashing target fields.
+    """
+    entries: list[tuple[tuple[str, ...], Getter]] = []
+    seen: dict[tuple[str, ...], str] = {}
+    for field, source in mapping.items():
+        keys = tuple(field.split("."))
+        if not field or any(not k for k in keys):
+            raise MappingError(f"{field!r}: invalid target field path")
+        if not isinstance(source, str) or not source.strip():
+            raise MappingError(f"{field}: hub attribute path must be a non-empty string")
+        for other_keys, other in seen.items():
+            shorter = min(len(keys), len(other_keys))
+            if keys[:shorter] == other_keys[:shorter]:
+                raise MappingError(f"{field}: clashes with target field {other!r}")
+        seen[keys] = field
+        try:
+            entries.append((keys, compile_path(source)))
+        except MappingError as exc:
+            raise MappingError(f"{field}: {exc}") from None
+
+    def apply(doc: Doc) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for keys, get in entries:
+            value = get(doc)
+            if value is MISSING or value == [] or value == {}:
+                continue
+            node = out
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = _plain(value)
+        return out
+
+    return apply
+
+
+def map_attributes(doc: Doc, mapping: Mapping[str, str]) -> dict[str, Any]:
+    """The target payload for one SCIM document; compile once with ``compile_mapping`` for many."""
+    return compile_mapping(mapping)(doc)
+
+
+def match_key(record_attrs: Mapping[str, Any], match_field: str) -> str | None:
+    """The matching key held at the dotted ``match_field`` of a mapped payload, or None.
+
+    A list gives its primary value, else its first one (``emails`` mapped whole).
+    """
+    value: Any = record_attrs
+    for key in match_field.split("."):
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
+    if isinstance(value, list):
+        primary = [v for v in value if isinstance(v, Mapping) and v.get("primary") is True]
+        value = (primary or value or [None])[0]
+    if isinstance(value, Mapping):
+        value = value.get("value")
+    if value is None or isinstance(value, (Mapping, list)):
+        return None
+    return str(value)
+
+
+__all__ = [
+    "MISSING",
+    "HubUser",
+    "MappingError",
+    "compile_filter",
+    "compile_mapping",
+    "compile_path",
+    "map_attributes",
+    "match_key",
+    "parse_user_filter",
+    "qualify",
+    "schema_of",
+]

@@ -1,0 +1,180 @@
+"""Global rate limits and concurrency caps on the real Redis: shared by processes, expiring when abandoned."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from workers.limits import ConcurrencySlots, RateLimiter, SlotUnavailable
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def take_all(limiter: RateLimiter, target: str, rate: float) -> int:
+    """How many single tokens are admitted right now, until the first refusal."""
+    taken = 0
+    while limiter.acquire(target, rate) == 0:
+        taken += 1
+        assert taken < 1000, "the bucket never refused"
+    return taken
+
+
+def test_bucket_admits_a_burst_then_refuses_with_the_wait(client: redis.Redis) -> None:
+    limiter = RateLimiter(client)
+    # One second's worth; a token or so may refill while we take them.
+    start = time.monotonic()
+    taken = take_all(limiter, "app", 20)
+    assert 20 <= taken <= 20 + 20 * (time.monotonic() - start) + 1
+    wait = limiter.acquire("app", 20)
+    assert 0 < wait <= 0.05 + 1e-6  # one token at 20/s
+    # Refused requests take nothing: another target is untouched, and so is this one's debt.
+    assert limiter.acquire("other", 20) == 0
+
+
+def test_bucket_refills_over_time(client: redis.Redis) -> None:
+    limiter = RateLimiter(client)
+    take_all(limiter, "app", 20)
+    deadline = time.monotonic() + 2.0
+    while (wait := limiter.acquire("app", 20)) > 0:
+        assert time.monotonic() < deadline, "no refill within 2 s"
+        time.sleep(wait)
+    # After a quiet half second about ten tokens are back, never more than the time allows nor the burst.
+    quiet_from = time.monotonic()
+    time.sleep(0.5)
+    taken = take_all(limiter, "app", 20)
+    elapsed = time.monotonic() - quiet_from
+    assert 9 <= taken <= min(20, 20 * elapsed + 1), (taken, elapsed)
+
+
+def test_rate_objects_and_big_batches_leave_a_debt(client: redis.Redis) -> None:
+    from orchestrator.targets import Rate  # here, so spawned children need not import the hub
+
+    limiter = RateLimiter(client)
+    rate = Rate.parse("20/s")
+    assert limiter.acquire("crm", rate, n=50) == 0  # a full bucket lets a batch over the burst go ...
+    wait = limiter.acquire("crm", rate, n=1)
+    assert 1.5 < wait <= 1.6  # ... and the 30-token debt plus one token must refill first
+    assert limiter.acquire("crm", rate, n=1, burst=5) > 0
+
+
+def test_wait_blocks_until_admitted_or_times_out(client: redis.Redis) -> None:
+    limiter = RateLimiter(client)
+    take_all(limiter, "app", 20)
+    assert limiter.wait("app", 20, timeout=0.0) is False
+    start = time.monotonic()
+    assert limiter.wait("app", 20, timeout=1.0) is True
+    assert time.monotonic() - start < 0.5
+
+
+def _hammer(redis_url: str, seconds: float, start: Any, out: multiprocessing.Queue[list[float]]) -> None:
+    client = redis.Redis.from_url(redis_url)
+    limiter = RateLimiter(client)
+    start.wait(timeout=30)
+    admitted: list[float] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        wait = limiter.acquire("shared", 20)
+        if wait == 0:
+            admitted.append(time.time())
+        else:
+            time.sleep(min(wait, 0.01))
+    out.put(admitted)
+    client.close()
+
+
+def test_two_processes_share_one_bucket(redis_url: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[list[float]] = ctx.Queue()
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_hammer, args=(redis_url, 1.5, start, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(timeout=10)
+        assert p.exitcode == 0
+    assert all(results), "each process got some tokens"
+    stamps = sorted(t for r in results for t in r)
+    span = stamps[-1] - stamps[0]
+    # Global, not per process: at most the burst plus 20/s over the span (two private buckets would
+    # admit twice that), and the processes together still use most of it.
+    assert len(stamps) <= 20 + 20 * span + 2, (len(stamps), span)
+    assert len(stamps) >= 20 * span * 0.7, (len(stamps), span)
+
+
+def test_slots_cap_concurrency_and_release(client: redis.Redis) -> None:
+    slots = ConcurrencySlots(client)
+    tokens = [slots.acquire("app", 2, ttl=30) for _ in range(3)]
+    assert tokens[0]
+    assert tokens[1]
+    assert tokens[2] is None
+    assert slots.held("app") == 2
+    # Asking again with a held token refreshes it rather than taking a third slot.
+    assert slots.acquire("app", 2, ttl=30, token=tokens[0]) == tokens[0]
+    assert slots.held("app") == 2
+    slots.release("app", tokens[0])
+    assert slots.held("app") == 1
+    assert slots.acquire("app", 2, ttl=30) is not None
+
+
+def test_an_abandoned_slot_expires(client: redis.Redis) -> None:
+    slots = ConcurrencySlots(client)
+    dead_worker = slots.acquire("app", 1, ttl=0.3)
+    assert dead_worker is not None
+    assert slots.acquire("app", 1, ttl=30) is None
+    deadline = time.monotonic() + 3.0
+    while (token := slots.acquire("app", 1, ttl=30)) is None:
+        assert time.monotonic() < deadline, "the abandoned slot never expired"
+        time.sleep(0.05)
+    assert slots.refresh("app", dead_worker, ttl=30) is False
+    assert slots.refresh("app", token, ttl=30) is True
+
+
+def test_slot_context_manager_waits_then_gives_up(client: redis.Redis) -> None:
+    slots = ConcurrencySlots(client)
+    with slots.slot("app", 1, ttl=10) as token:
+        assert slots.held("app") == 1
+        with pytest.raises(SlotUnavailable), slots.slot("app", 1, ttl=10, wait=0.1):
+            pass
+        assert token
+    assert slots.held("app") == 0
+    with slots.slot("app", 1, ttl=10, wait=0.1):
+        assert slots.held("app") == 1
+
+
+def _hold_slot(
+    redis_url: str, hold: float, start: Any, out: multiprocessing.Queue[tuple[float, float]]
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    start.wait(timeout=30)
+    with ConcurrencySlots(client).slot("shared", 2, ttl=10, wait=10):
+        began = time.time()
+        time.sleep(hold)
+        out.put((began, time.time()))
+    client.close()
+
+
+def test_slots_hold_across_processes(redis_url: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[tuple[float, float]] = ctx.Queue()
+    start = ctx.Barrier(4)
+    procs = [ctx.Process(target=_hold_slot, args=(redis_url, 0.3, start, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    spans = [out.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(timeout=10)
+        assert p.exitcode == 0
+    # All four asked at once: two went in together, and at no moment were more than two inside.
+    inside = [sum(1 for s, e in spans if s <= begin < e) for begin, _ in spans]
+    assert max(inside) == 2, spans
