@@ -80,7 +80,9 @@ async def run(base: str, token: str) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}", "Content-Type": SCIM}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     results: dict[str, Any] = {"customers": customers, "ops": ops, "concurrency": concurrency}
-    async with httpx.AsyncClient(base_url=f"{base}/scim/v2", headers=headers, limits=limits, timeout=60) as client:
+    async with httpx.AsyncClient(
+        base_url=f"{base}/scim/v2", headers=headers, limits=limits, timeout=60
+    ) as client:
         batch = 500
 
         async def bulk(i: int) -> None:
@@ -110,7 +112,10 @@ async def run(base: str, token: str) -> dict[str, Any]:
         results.update(await drive("create", ops, concurrency, create))
 
         async def patch(i: int) -> None:
-            body = {"schemas": [PATCH], "Operations": [{"op": "replace", "path": "nickName", "value": f"n{i}"}]}
+            body = {
+                "schemas": [PATCH],
+                "Operations": [{"op": "replace", "path": "nickName", "value": f"n{i}"}],
+            }
             r = await client.patch(f"/Users/{ids[i % len(ids)]}", json=body)
             assert r.status_code == 200, r.text
 
@@ -135,10 +140,13 @@ def main() -> int:
     try:
         token = subprocess.run(
             [*idhub, "token", "create", "bench", "--scope", "admin"],
-            env=env, check=True, capture_output=True, text=True,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         workers = str(env_int("BENCH_SERVER_WORKERS", 2))
-        server = subprocess.Popen(  # noqa: S603 - our own command
+        server = subprocess.Popen(
             [*idhub, "serve", "--port", str(port), "--workers", workers], env=env
         )
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=30)

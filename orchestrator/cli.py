@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from orchestrator import migrations, settings
+from orchestrator import admin_cli, gdpr_cli, migrations, settings
 from orchestrator.auth import SCOPES, TokenError, create_token, list_tokens, revoke_token
 from orchestrator.db import engine_for
 
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sandbox", help="run the target simulators on loopback")
     p.add_argument("--host", default="127.0.0.1")
     p.set_defaults(func=_delegate("connectors.sandbox.runner", "cli_main"))
+
+    admin_cli.register(sub)
+    gdpr_cli.register(sub)
     return parser
 
 

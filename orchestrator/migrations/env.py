@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import orchestrator.ledger  # noqa: F401 - registers the ledger tables on the metadata
 from orchestrator.db import metadata
 
 connection = context.config.attributes["connection"]

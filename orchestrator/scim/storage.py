@@ -76,7 +76,7 @@ def _conn() -> Connection:
 
 
 def _insert_new(conn: Connection, table: Table, values: Mapping[str, Any]) -> bool:
-    """Insert a row unless a unique key is taken; True when inserted. One round trip, no aborted transaction."""
+    """Insert a row unless a unique key is taken; True when inserted (one round trip, no aborted txn)."""
     dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     statement = dialect_insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
     return conn.execute(statement).first() is not None

@@ -1,0 +1,132 @@
+"""The outbox relay: hands committed change events to the broker in order, at least once.
+
+``publish`` is any callable taking a batch of outbox sequence numbers (the workers pass one that sends
+``idhub.fanout`` tasks); it runs inside the claiming transaction, so a crash after it re-sends the batch,
+which consumers tolerate because fan-out is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import select as selectmod
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.engine import Connection, Engine
+
+from orchestrator.db import is_postgres, now, outbox
+from orchestrator.ledger import outbox_inflight
+
+CHANNEL = "idhub_outbox"
+
+Publish = Callable[[Sequence[int]], None]
+log = logging.getLogger(__name__)
+
+
+def notify(conn: Connection) -> None:
+    """Wake the relays when ``conn``'s transaction commits (PostgreSQL NOTIFY; a no-op on SQLite)."""
+    if is_postgres(conn):
+        conn.execute(text(f"NOTIFY {CHANNEL}"))
+
+
+def relay_once(engine: Engine, publish: Publish, *, batch: int = 500) -> int:
+    """Publish one batch of unpublished events in seq order and mark them published; returns how many."""
+    with engine.begin() as conn:
+        query = (
+            select(outbox.c.seq).where(outbox.c.published_at.is_(None)).order_by(outbox.c.seq).limit(batch)
+        )
+        if is_postgres(conn):
+            # Several relays may run: each claims a disjoint batch instead of waiting on the others' locks.
+            query = query.with_for_update(skip_locked=True)
+        seqs = list(conn.scalars(query))
+        if not seqs:
+            return 0
+        stamp = now()
+        conn.execute(update(outbox).where(outbox.c.seq.in_(seqs)).values(published_at=stamp))
+        conn.execute(insert(outbox_inflight), [{"seq": s, "published_at": stamp} for s in seqs])
+        publish(seqs)
+    return len(seqs)
+
+
+def republish_stale(engine: Engine, publish: Publish, *, older_than: datetime, batch: int = 500) -> int:
+    """Publish again events whose fan-out has not committed since ``older_than`` (a broker lost them)."""
+    with engine.begin() as conn:
+        query = (
+            select(outbox_inflight.c.seq)
+            .where(outbox_inflight.c.published_at < older_than)
+            .order_by(outbox_inflight.c.seq)
+            .limit(batch)
+        )
+        if is_postgres(conn):
+            query = query.with_for_update(skip_locked=True)
+        seqs = list(conn.scalars(query))
+        if not seqs:
+            return 0
+        conn.execute(
+            update(outbox_inflight).where(outbox_inflight.c.seq.in_(seqs)).values(published_at=now())
+        )
+        publish(seqs)
+    return len(seqs)
+
+
+def fanned_out(conn: Connection, seqs: Sequence[int]) -> None:
+    """Record, in the fan-out's own transaction, that these events need no re-publishing."""
+    conn.execute(delete(outbox_inflight).where(outbox_inflight.c.seq.in_(list(seqs))))
+
+
+def drain(engine: Engine, publish: Publish, *, batch: int = 500) -> int:
+    """Relay until nothing is left unpublished; returns how many events were published."""
+    total = 0
+    while (count := relay_once(engine, publish, batch=batch)) > 0:
+        total += count
+    return total
+
+
+def run_forever(
+    engine: Engine,
+    publish: Publish,
+    *,
+    poll_interval: float | None = None,
+    batch: int = 500,
+    stop: threading.Event | None = None,
+) -> None:
+    """Relay until ``stop`` is set: woken by LISTEN/NOTIFY on PostgreSQL, polling behind it always."""
+    stop = stop or threading.Event()
+    postgres = engine.dialect.name == "postgresql"
+    interval = poll_interval if poll_interval is not None else (1.0 if postgres else 0.2)
+    listener = _listen(engine) if postgres else None
+    try:
+        while not stop.is_set():
+            try:
+                drain(engine, publish, batch=batch)
+            except Exception:
+                # The database or the broker is away for a moment: keep relaying once it is back.
+                log.exception("relay: batch failed")
+                stop.wait(interval)
+                continue
+            if listener is not None:
+                _wait_notify(listener, interval)
+            else:
+                stop.wait(interval)
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def _listen(engine: Engine) -> Connection:
+    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    conn.execute(text(f"LISTEN {CHANNEL}"))
+    return conn
+
+
+def _wait_notify(conn: Connection, timeout: float) -> None:
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    # psycopg 3: wait on the socket, then drain the queued notifications without blocking.
+    deadline = time.monotonic() + timeout
+    selectmod.select([raw.fileno()], [], [], max(0.0, deadline - time.monotonic()))
+    for _ in raw.notifies(timeout=0, stop_after=1000):
+        pass

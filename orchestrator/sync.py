@@ -1,0 +1,891 @@
+"""Level-triggered sync: fan-out marks versions desired, delivery pushes the CURRENT state and records it.
+
+A delivery holds a fencing lease on each (target, identity) row it works on, reads the identity as it is now,
+maps it once per target, calls the connector, and writes every outcome in one transaction that only touches
+rows whose lease is still its own. Back-off, quarantine and dead letters live in the ledger, not the broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, case, delete, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
+
+from connectors.base import Connector, DeprovisionAction, Record, Result
+from connectors.errors import (
+    ConflictError,
+    GoneError,
+    PermanentError,
+    RetryableError,
+    SyncError,
+    TargetDisabledError,
+)
+from orchestrator.db import group_members, groups, identities, is_postgres, outbox
+from orchestrator.db import now as utcnow
+from orchestrator.ledger import (
+    DONE,
+    Status,
+    dead_letters,
+    erasure_receipts,
+    sync_ledger,
+    target_state,
+)
+from orchestrator.mapping import compile_mapping, match_key
+from orchestrator.relay import fanned_out
+from orchestrator.targets import TargetConfig, decide
+
+L = sync_ledger.c
+UPSERT = "upsert"
+NONE = "none"
+# The receipt the hub writes for itself when it purges a tombstone.
+HUB = "*hub*"
+_CHUNK = 500
+
+
+# ---------------------------------------------------------------------------------------------- fan-out
+
+
+def fanout(
+    engine: Engine, targets: Sequence[TargetConfig], seqs: Sequence[int], *, now: datetime | None = None
+) -> dict[str, list[str]]:
+    """Mark the current version of every resource these events name as desired per target; returns what
+    became due, by target. Idempotent: re-running it, or running an older event late, changes nothing."""
+    now = now or utcnow()
+    due: dict[str, list[str]] = defaultdict(list)
+    with engine.begin() as conn:
+        events = conn.execute(
+            select(outbox.c.resource_type, outbox.c.resource_id, outbox.c.changed).where(
+                outbox.c.seq.in_(list(seqs))
+            )
+        ).all()
+        changed: dict[str, set[str]] = defaultdict(set)
+        for ev in events:
+            changed[ev.resource_id].update(p.lower() for p in ev.changed or ())
+        user_ids = sorted({ev.resource_id for ev in events if ev.resource_type == "User"})
+        group_ids = sorted({ev.resource_id for ev in events if ev.resource_type == "Group"})
+        users = _current_users(conn, user_ids)
+        group_rows = _current_groups(conn, group_ids)
+        existing = {
+            (r.target, r.identity_id): r
+            for r in conn.execute(
+                select(L.target, L.identity_id, L.remote_id, L.synced_action, L.desired_version).where(
+                    L.identity_id.in_(user_ids + group_ids)
+                )
+            )
+        }
+        values: list[dict[str, Any]] = []
+        for cfg in targets:
+            for uid, ident in users.items():
+                old = existing.get((cfg.name, uid))
+                if old is not None and old.desired_version >= ident.version:
+                    continue
+                deleted = ident.deleted_at is not None
+                decision = decide(
+                    cfg,
+                    None if deleted else ident.doc,
+                    deleted=deleted,
+                    previously_provisioned=old is not None and _provisioned(old),
+                )
+                if decision.action == NONE and old is None:
+                    continue  # never held there, nothing to hold: no row needed
+                prio = int(_touches(changed[uid], cfg.priority_paths))
+                values.append(_desired(cfg.name, uid, "User", ident.version, decision.action, prio, now))
+            if cfg.groups:
+                for gid, grp in group_rows.items():
+                    old = existing.get((cfg.name, gid))
+                    if old is not None and old.desired_version >= grp.version:
+                        continue
+                    action = "delete" if grp.deleted_at is not None else UPSERT
+                    values.append(_desired(cfg.name, gid, "Group", grp.version, action, 0, now))
+        for target, ident_id in _upsert_desired(conn, values, now):
+            due[target].append(ident_id)
+        fanned_out(conn, seqs)
+        finish_erasures(conn, [u for u, i in users.items() if i.deleted_at is not None], now)
+    return dict(due)
+
+
+def _desired(
+    target: str, ident_id: str, rtype: str, version: int, action: str, prio: int, now: datetime
+) -> dict[str, Any]:
+    return {
+        "target": target,
+        "identity_id": ident_id,
+        "resource_type": rtype,
+        "desired_version": version,
+        "desired_action": action,
+        "status": Status.PENDING.value,
+        "attempts": 0,
+        "priority": prio,
+        "enqueued_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _upsert_desired(conn: Connection, values: list[dict[str, Any]], now: datetime) -> list[tuple[str, str]]:
+    """Insert or raise desired versions in multi-row statements; returns the rows that changed."""
+    out: list[tuple[str, str]] = []
+    dialect_insert = postgresql.insert if is_postgres(conn) else sqlite.insert
+    for start in range(0, len(values), _CHUNK):
+        ins = dialect_insert(sync_ledger).values(values[start : start + _CHUNK])
+        ex = ins.excluded
+        was_dead = L.status == Status.DEAD.value
+        stmt = ins.on_conflict_do_update(
+            index_elements=[L.target, L.identity_id],
+            set_={
+                "desired_version": ex.desired_version,
+                "desired_action": ex.desired_action,
+                # A newer version re-arms a dead letter; a row in back-off keeps its back-off.
+                "status": case((L.status == Status.RETRYING.value, L.status), else_=Status.PENDING.value),
+                "attempts": case((was_dead, 0), else_=L.attempts),
+                "next_attempt_at": case((was_dead, None), else_=L.next_attempt_at),
+                "first_failure_at": case((was_dead, None), else_=L.first_failure_at),
+                "priority": ex.priority,
+                "enqueued_at": now,
+                "updated_at": now,
+            },
+            # desired_version only ever grows: an older event changes nothing.
+            where=L.desired_version < ex.desired_version,
+        ).returning(L.target, L.identity_id)
+        out.extend((r.target, r.identity_id) for r in conn.execute(stmt))
+    return out
+
+
+def _current_users(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
+    if not ids:
+        return {}
+    q = select(identities.c.id, identities.c.version, identities.c.doc, identities.c.deleted_at)
+    return {r.id: r for r in conn.execute(q.where(identities.c.id.in_(list(ids))))}
+
+
+def _current_groups(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
+    if not ids:
+        return {}
+    q = select(groups.c.id, groups.c.version, groups.c.display_name, groups.c.deleted_at)
+    return {r.id: r for r in conn.execute(q.where(groups.c.id.in_(list(ids))))}
+
+
+def _provisioned(row: Any) -> bool:
+    """The target may hold an account for this row (so leaving scope must deprovision it)."""
+    return row.remote_id is not None or row.synced_action in (UPSERT, "deactivate", "anonymize")
+
+
+def _touches(changed: Iterable[str], paths: Iterable[str]) -> bool:
+    wanted = [p.lower() for p in paths]
+    return any(c == w or c.startswith(w + ".") or w.startswith(c + ".") for c in changed for w in wanted)
+
+
+# --------------------------------------------------------------------------------------------- delivery
+
+
+@dataclass
+class DeliveryReport:
+    """What one delivery did, by identity id (no PII)."""
+
+    target: str
+    done: list[str] = field(default_factory=list)  # now synced / deprovisioned / out of scope
+    unchanged: list[str] = field(default_factory=list)  # done without calling the target
+    retrying: list[str] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)
+    not_due: list[str] = field(default_factory=list)  # already synced, dead, in back-off or leased elsewhere
+    calls: int = 0
+    quarantined: bool = False
+    disabled: bool = False
+
+
+@dataclass
+class _Job:
+    row: Any
+    action: str
+    version: int
+    record: Record
+    digest: str
+    resource_type: str
+    group: Any = None
+    result: Result | None = None
+    error: Exception | None = None
+
+
+_mappers: dict[int, tuple[Any, Callable[[Mapping[str, Any]], dict[str, Any]]]] = {}
+
+
+def _mapper(cfg: TargetConfig, connector: Connector) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """The compiled mapping of a target (its own, else its connector's default), once per configuration."""
+    cached = _mappers.get(id(cfg))
+    if cached is None or cached[0] is not cfg:
+        cached = (cfg, compile_mapping(cfg.mapping or connector.default_mapping))
+        _mappers[id(cfg)] = cached
+    return cached[1]
+
+
+def deliver(
+    engine: Engine,
+    cfg: TargetConfig,
+    connector: Connector,
+    identity_ids: Sequence[str],
+    *,
+    now: datetime | None = None,
+    owner: str,
+    lease: timedelta = timedelta(minutes=5),
+) -> DeliveryReport:
+    """Push the current state of the due rows among ``identity_ids`` to one target and record the outcomes.
+
+    ``owner`` must be unique per attempt; ``lease`` must outlast the slowest connector call of a batch.
+    """
+    report = DeliveryReport(cfg.name)
+    ids = list(dict.fromkeys(identity_ids))
+    size = cfg.batch_size
+    for start in range(0, len(ids), size):
+        stamp = now or utcnow()
+        state = _target_state(engine, cfg.name)
+        if state is not None and state.disabled:
+            report.disabled = True
+            return report
+        if state is not None and state.quarantined_until is not None:
+            report.quarantined = True
+            return report
+        _deliver_chunk(engine, cfg, connector, ids[start : start + size], stamp, owner, lease, report)
+        if report.disabled or report.quarantined:
+            return report
+    return report
+
+
+def _deliver_chunk(
+    engine: Engine,
+    cfg: TargetConfig,
+    connector: Connector,
+    ids: list[str],
+    now: datetime,
+    owner: str,
+    lease: timedelta,
+    report: DeliveryReport,
+) -> None:
+    with engine.begin() as conn:
+        rows = list(
+            conn.execute(
+                update(sync_ledger)
+                .where(L.target == cfg.name, L.identity_id.in_(ids), _due(now), _lease_free(now))
+                .values(lease_owner=owner, lease_until=now + lease)
+                .returning(*sync_ledger.c)
+            )
+        )
+    taken = {r.identity_id for r in rows}
+    report.not_due.extend(i for i in ids if i not in taken)
+    if not rows:
+        return
+    jobs, purged = _plan(engine, cfg, connector, rows)
+    disabled = _call(cfg, connector, [j for j in jobs if j.result is None and j.error is None], report)
+    _record(engine, cfg, jobs, purged, now, owner, report, disabled)
+
+
+def _plan(
+    engine: Engine, cfg: TargetConfig, connector: Connector, rows: list[Any]
+) -> tuple[list[_Job], list[str]]:
+    """Read the current state of the leased rows in one go and decide what each needs."""
+    user_ids = [r.identity_id for r in rows if r.resource_type == "User"]
+    group_ids = [r.identity_id for r in rows if r.resource_type == "Group"]
+    with engine.connect() as conn:
+        users = _current_users(conn, user_ids)
+        grps = _current_groups(conn, group_ids)
+        members: dict[str, list[str]] = defaultdict(list)
+        if grps and connector.supports_groups:
+            q = (
+                select(group_members.c.group_id, L.remote_id)
+                .join(sync_ledger, and_(L.identity_id == group_members.c.member_id, L.target == cfg.name))
+                .where(group_members.c.group_id.in_(list(grps)), L.remote_id.is_not(None))
+            )
+            for m in conn.execute(q):
+                members[m.group_id].append(m.remote_id)
+    mapper = _mapper(cfg, connector)
+    jobs: list[_Job] = []
+    purged: list[str] = []
+    for row in rows:
+        if row.resource_type == "Group":
+            grp = grps.get(row.identity_id)
+            if grp is None:
+                purged.append(row.identity_id)
+                continue
+            if not connector.supports_groups:
+                action = NONE
+            else:
+                action = "delete" if grp.deleted_at is not None else UPSERT
+            attrs = {"displayName": grp.display_name, "members": sorted(members[row.identity_id])}
+            record = Record(row.identity_id, grp.version, attrs, remote_id=row.remote_id)
+            job = _Job(row, action, grp.version, record, _digest(action, attrs), "Group", group=grp)
+        else:
+            ident = users.get(row.identity_id)
+            if ident is None:
+                purged.append(row.identity_id)  # the tombstone was purged: nothing left to do
+                continue
+            deleted = ident.deleted_at is not None
+            doc = None if deleted else ident.doc
+            action = decide(cfg, doc, deleted=deleted, previously_provisioned=_provisioned(row)).action
+            attrs = mapper(doc) if doc else {}
+            key = match_key(attrs, connector.match_field) if attrs else None
+            record = Record(row.identity_id, ident.version, attrs, remote_id=row.remote_id, match_key=key)
+            job = _Job(row, action, ident.version, record, _digest(action, attrs), "User")
+        if action == NONE or (job.digest == row.payload_digest and action == row.synced_action):
+            job.result = Result(row.remote_id, "unchanged")
+        jobs.append(job)
+    return jobs, purged
+
+
+def _digest(action: str, attrs: Mapping[str, Any]) -> str:
+    text = json.dumps([action, attrs], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _call(cfg: TargetConfig, connector: Connector, jobs: list[_Job], report: DeliveryReport) -> bool:
+    """Call the target for every job, storing a result or an error on each; True when it disabled us."""
+    upserts = [j for j in jobs if j.action == UPSERT and j.resource_type == "User"]
+    others = [j for j in jobs if j not in upserts]
+    try:
+        if connector.supports_batch and len(upserts) > 1:
+            size = max(1, min(cfg.batch_size, connector.max_batch))
+            for start in range(0, len(upserts), size):
+                chunk = upserts[start : start + size]
+                report.calls += 1
+                try:
+                    results = connector.upsert_many([j.record for j in chunk])
+                except SyncError as exc:
+                    results = [exc] * len(chunk)
+                for job, res in zip(chunk, results, strict=True):
+                    if isinstance(res, Result):
+                        job.result = res
+                    else:
+                        _follow_up(connector, job, res, report)
+        else:
+            for job in upserts:
+                _one(connector, job, report)
+        for job in others:
+            _one(connector, job, report)
+    except TargetDisabledError:
+        return True
+    return False
+
+
+def _one(connector: Connector, job: _Job, report: DeliveryReport) -> None:
+    report.calls += 1
+    try:
+        job.result = _apply(connector, job)
+    except TargetDisabledError:
+        raise
+    except Exception as exc:  # classified by _follow_up / _record
+        _follow_up(connector, job, exc, report)
+
+
+def _apply(connector: Connector, job: _Job) -> Result:
+    rec = job.record
+    if job.resource_type == "Group":
+        if job.action == UPSERT:
+            attrs = rec.attributes
+            return connector.upsert_group(
+                rec.identity_id, attrs["displayName"], attrs["members"], rec.remote_id
+            )
+        if rec.remote_id is None:
+            return Result(None, "absent")
+        return connector.delete_group(rec.remote_id)
+    if job.action == UPSERT:
+        return connector.upsert(rec)
+    try:
+        return connector.deprovision(rec, DeprovisionAction(job.action))
+    except GoneError:
+        return Result(None, "absent")
+
+
+def _follow_up(connector: Connector, job: _Job, exc: Exception, report: DeliveryReport) -> None:
+    """Adopt on conflict and re-create on gone, once; anything else stays the job's error."""
+    if isinstance(exc, TargetDisabledError):
+        raise exc
+    retry: Record | None = None
+    if job.action == UPSERT and isinstance(exc, ConflictError) and exc.remote_id:
+        retry = replace(job.record, remote_id=exc.remote_id)
+    elif job.action == UPSERT and isinstance(exc, GoneError) and job.record.remote_id is not None:
+        retry = replace(job.record, remote_id=None)
+    if retry is None:
+        job.error = exc
+        return
+    job.record = retry
+    report.calls += 1
+    try:
+        job.result = _apply(connector, job)
+    except TargetDisabledError:
+        raise
+    except Exception as again:  # classified by _record
+        job.error = again
+
+
+def _record(
+    engine: Engine,
+    cfg: TargetConfig,
+    jobs: list[_Job],
+    purged: list[str],
+    now: datetime,
+    owner: str,
+    report: DeliveryReport,
+    disabled: bool,
+) -> None:
+    """Write every outcome in one transaction, only where our lease still holds (fencing)."""
+    ok: list[dict[str, Any]] = []
+    retry: list[dict[str, Any]] = []
+    dead: list[tuple[_Job, str, str, int]] = []
+    release: list[str] = []
+    retryable = successes = 0
+    policy = cfg.retry
+    for job in jobs:
+        if job.result is not None:
+            successes += job.result.outcome != "unchanged"
+            (report.unchanged if job.result.outcome == "unchanged" else report.done).append(
+                job.row.identity_id
+            )
+            ok.append(_success(job))
+            continue
+        exc = job.error
+        if exc is None:  # not attempted: the target disabled itself first
+            release.append(job.row.identity_id)
+            continue
+        code, message = _describe(exc)
+        attempts = job.row.attempts + 1
+        if isinstance(exc, PermanentError):
+            dead.append((job, code, message, attempts))
+            continue
+        retryable += isinstance(exc, RetryableError)
+        first = job.row.first_failure_at or now
+        if attempts >= policy.max_attempts or (now - _aware(first, now)).total_seconds() >= policy.max_age:
+            dead.append((job, code, f"gave up after {attempts} attempts: {message}"[:512], attempts))
+            continue
+        delay = _backoff(attempts, policy.base, policy.cap)
+        hint = getattr(exc, "retry_after", None) or 0.0
+        wait = max(delay, timedelta(seconds=float(hint)))
+        report.retrying.append(job.row.identity_id)
+        retry.append(
+            {
+                "k_id": job.row.identity_id,
+                "r_attempts": attempts,
+                "r_next": now + wait,
+                "r_first": first,
+                "r_code": code,
+                "r_message": message,
+            }
+        )
+    fence = and_(L.target == cfg.name, L.identity_id == bindparam("k_id"), L.lease_owner == owner)
+    with engine.begin() as conn:
+        if ok:
+            v: Any = bindparam("v_version")
+            conn.execute(
+                update(sync_ledger)
+                .where(fence)
+                .values(
+                    synced_version=v,
+                    synced_action=bindparam("v_action"),
+                    desired_action=case(
+                        (L.desired_version <= v, bindparam("v_action")), else_=L.desired_action
+                    ),
+                    desired_version=case((L.desired_version < v, v), else_=L.desired_version),
+                    # A newer version desired meanwhile keeps the row due.
+                    status=case((L.desired_version > v, Status.PENDING.value), else_=bindparam("v_status")),
+                    remote_id=bindparam("v_remote"),
+                    payload_digest=bindparam("v_digest"),
+                    attempts=0,
+                    next_attempt_at=None,
+                    first_failure_at=None,
+                    last_error_code=None,
+                    last_error_message=None,
+                    lease_owner=None,
+                    lease_until=None,
+                    updated_at=now,
+                ),
+                ok,
+            )
+        if retry:
+            conn.execute(
+                update(sync_ledger)
+                .where(fence)
+                .values(
+                    status=Status.RETRYING.value,
+                    attempts=bindparam("r_attempts"),
+                    next_attempt_at=bindparam("r_next"),
+                    first_failure_at=bindparam("r_first"),
+                    last_error_code=bindparam("r_code"),
+                    last_error_message=bindparam("r_message"),
+                    enqueued_at=None,
+                    lease_owner=None,
+                    lease_until=None,
+                    updated_at=now,
+                ),
+                retry,
+            )
+        for job, code, message, attempts in dead:
+            _dead_letter(conn, cfg.name, job, code, message, attempts, owner, now, report)
+        if release:
+            conn.execute(
+                update(sync_ledger).where(fence).values(lease_owner=None, lease_until=None),
+                [{"k_id": i} for i in release],
+            )
+        if purged:
+            conn.execute(
+                delete(sync_ledger).where(
+                    L.target == cfg.name, L.identity_id.in_(purged), L.lease_owner == owner
+                )
+            )
+        _account(conn, cfg, successes, retryable, now)
+        if disabled:
+            _state(conn, cfg.name, now, disabled=True)
+            report.disabled = True
+        finish_erasures(conn, [j.row.identity_id for j in jobs if j.resource_type == "User"], now)
+    if disabled or _is_quarantined(engine, cfg.name):
+        report.quarantined = report.quarantined or not disabled
+
+
+def _success(job: _Job) -> dict[str, Any]:
+    assert job.result is not None
+    action = job.action
+    if action == NONE:
+        status = Status.OUT_OF_SCOPE
+    elif action == UPSERT:
+        status = Status.SYNCED
+    else:
+        status = Status.DEPROVISIONED
+    remote = job.result.remote_id or job.record.remote_id
+    if action in ("delete", "erase") or job.result.outcome == "absent":
+        remote = None
+    return {
+        "k_id": job.row.identity_id,
+        "v_version": job.version,
+        "v_action": action,
+        "v_status": status.value,
+        "v_remote": remote,
+        "v_digest": job.digest,
+    }
+
+
+def _dead_letter(
+    conn: Connection,
+    target: str,
+    job: _Job,
+    code: str,
+    message: str,
+    attempts: int,
+    owner: str,
+    now: datetime,
+    report: DeliveryReport,
+) -> None:
+    moved = conn.execute(
+        update(sync_ledger)
+        .where(L.target == target, L.identity_id == job.row.identity_id, L.lease_owner == owner)
+        .values(
+            status=Status.DEAD.value,
+            attempts=attempts,
+            last_error_code=code,
+            last_error_message=message,
+            next_attempt_at=None,
+            lease_owner=None,
+            lease_until=None,
+            updated_at=now,
+        )
+    )
+    if moved.rowcount != 1:
+        return  # lost the lease: the other holder decides
+    conn.execute(
+        insert(dead_letters).values(
+            target=target,
+            identity_id=job.row.identity_id,
+            version=job.version,
+            error_code=code,
+            error_message=message,
+            attempts=attempts,
+            created_at=now,
+        )
+    )
+    report.dead.append(job.row.identity_id)
+
+
+def _describe(exc: Exception) -> tuple[str, str]:
+    """A PII-free code and message: connector errors carry identifiers only; anything else by class name."""
+    if isinstance(exc, SyncError):
+        return exc.code[:64], (exc.message or exc.code)[:512]
+    return "internal", type(exc).__name__
+
+
+def _backoff(attempts: int, base: float, cap: float) -> timedelta:
+    """Full-jitter exponential back-off: uniform in [0, min(cap, base * 2**(attempts-1))] seconds."""
+    ceiling = min(cap, base * (2 ** min(attempts - 1, 30)))
+    return timedelta(seconds=random.uniform(0, ceiling))  # noqa: S311 - jitter, not a secret
+
+
+def _aware(value: datetime, like: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything here is UTC.
+    if value.tzinfo is None and like.tzinfo is not None:
+        return value.replace(tzinfo=like.tzinfo)
+    return value
+
+
+def _due(now: datetime) -> ColumnElement[bool]:
+    return and_(
+        L.status != Status.DEAD.value,
+        or_(
+            L.synced_version.is_(None),
+            L.desired_version > L.synced_version,
+            L.desired_action != L.synced_action,
+        ),
+        or_(L.next_attempt_at.is_(None), L.next_attempt_at <= now),
+    )
+
+
+def _lease_free(now: datetime) -> ColumnElement[bool]:
+    return or_(L.lease_until.is_(None), L.lease_until < now)
+
+
+# ---------------------------------------------------------------------------------- target health
+
+
+def _target_state(engine: Engine, target: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(target_state).where(target_state.c.target == target)).first()
+
+
+def _is_quarantined(engine: Engine, target: str) -> bool:
+    state = _target_state(engine, target)
+    return state is not None and state.quarantined_until is not None
+
+
+def _state(conn: Connection, target: str, now: datetime, **values: Any) -> None:
+    """Update a target's health row, creating it first when it is missing."""
+    dialect_insert = postgresql.insert if is_postgres(conn) else sqlite.insert
+    conn.execute(
+        dialect_insert(target_state)
+        .values(target=target, consecutive_failures=0, disabled=False, updated_at=now)
+        .on_conflict_do_nothing(index_elements=[target_state.c.target])
+    )
+    if values:
+        conn.execute(
+            update(target_state).where(target_state.c.target == target).values(updated_at=now, **values)
+        )
+
+
+def _account(conn: Connection, cfg: TargetConfig, successes: int, failures: int, now: datetime) -> None:
+    """Count consecutive retryable failures of a target; past the threshold, quarantine it."""
+    if successes:
+        _state(conn, cfg.name, now, consecutive_failures=0)
+        return
+    if not failures:
+        return
+    _state(conn, cfg.name, now)
+    count = conn.execute(
+        update(target_state)
+        .where(target_state.c.target == cfg.name)
+        .values(consecutive_failures=target_state.c.consecutive_failures + failures)
+        .returning(target_state.c.consecutive_failures, target_state.c.quarantined_until)
+    ).one()
+    q = cfg.quarantine
+    if count.consecutive_failures >= q.threshold and count.quarantined_until is None:
+        _state(
+            conn,
+            cfg.name,
+            now,
+            quarantined_until=now + timedelta(seconds=q.probe_base),
+            probe_interval=q.probe_base,
+        )
+
+
+def probe(
+    engine: Engine, cfg: TargetConfig, connector: Connector, *, now: datetime | None = None
+) -> list[str] | None:
+    """Probe a quarantined target: on success lift the quarantine and return its due ids, else None."""
+    now = now or utcnow()
+    try:
+        connector.probe()
+    except Exception:  # any failure means "still down"; the next probe waits longer
+        with engine.begin() as conn:
+            state = conn.execute(select(target_state).where(target_state.c.target == cfg.name)).first()
+            previous = (state.probe_interval if state is not None else None) or cfg.quarantine.probe_base
+            interval = min(cfg.quarantine.probe_cap, previous * 2)
+            _state(
+                conn,
+                cfg.name,
+                now,
+                quarantined_until=now + timedelta(seconds=interval),
+                probe_interval=interval,
+            )
+        return None
+    with engine.begin() as conn:
+        _state(conn, cfg.name, now, quarantined_until=None, probe_interval=None, consecutive_failures=0)
+        # The outage was the target's, not the records': give them a fresh start so none dead-letters.
+        conn.execute(
+            update(sync_ledger)
+            .where(L.target == cfg.name, L.status == Status.RETRYING.value)
+            .values(attempts=0, first_failure_at=None, next_attempt_at=None, updated_at=now)
+        )
+        ids = conn.scalars(
+            update(sync_ledger)
+            .where(L.target == cfg.name, _due(now))
+            .values(enqueued_at=now)
+            .returning(L.identity_id)
+        ).all()
+    return list(ids)
+
+
+# ---------------------------------------------------------------------------------------- sweeper
+
+
+@dataclass
+class SweepResult:
+    """What the sweeper found due: deliveries by target and targets whose probe is due."""
+
+    due: dict[str, list[str]] = field(default_factory=dict)
+    probes: list[str] = field(default_factory=list)
+
+
+def sweep(
+    engine: Engine,
+    targets: Sequence[TargetConfig],
+    now: datetime | None = None,
+    *,
+    stale_after: timedelta = timedelta(seconds=60),
+    limit: int = 5000,
+) -> SweepResult:
+    """Claim what is due: retries whose time came, pending rows the broker seems to have lost, and probes."""
+    now = now or utcnow()
+    result = SweepResult()
+    with engine.begin() as conn:
+        states = {s.target: s for s in conn.execute(select(target_state))}
+        for cfg in targets:
+            state = states.get(cfg.name)
+            if state is not None and state.disabled:
+                continue
+            if state is not None and state.quarantined_until is not None:
+                if _aware(state.quarantined_until, now) <= now:
+                    # Claim the probe so that concurrent sweeps do not probe twice.
+                    interval = timedelta(seconds=state.probe_interval or 1.0)
+                    claimed = conn.execute(
+                        update(target_state)
+                        .where(
+                            target_state.c.target == cfg.name,
+                            target_state.c.quarantined_until == state.quarantined_until,
+                        )
+                        .values(quarantined_until=now + interval, updated_at=now)
+                    )
+                    if claimed.rowcount == 1:
+                        result.probes.append(cfg.name)
+                continue
+            picked = (
+                select(L.identity_id)
+                .where(
+                    L.target == cfg.name,
+                    _due(now),
+                    _lease_free(now),
+                    or_(L.enqueued_at.is_(None), L.enqueued_at < now - stale_after),
+                )
+                .order_by(L.priority.desc(), L.updated_at)
+                .limit(limit)
+            )
+            ids = list(conn.scalars(picked))
+            if ids:
+                conn.execute(
+                    update(sync_ledger)
+                    .where(L.target == cfg.name, L.identity_id.in_(ids))
+                    .values(enqueued_at=now)
+                )
+                result.due[cfg.name] = ids
+    return result
+
+
+# ------------------------------------------------------------------------------ dead letters, erasure
+
+
+def replay_dead_letter(
+    engine: Engine, dead_letter_id: int, *, now: datetime | None = None
+) -> tuple[str, str]:
+    """Re-arm a dead letter's row so the current state is pushed again; returns (target, identity id)."""
+    now = now or utcnow()
+    with engine.begin() as conn:
+        letter = conn.execute(select(dead_letters).where(dead_letters.c.id == dead_letter_id)).one()
+        conn.execute(update(dead_letters).where(dead_letters.c.id == dead_letter_id).values(replayed_at=now))
+        conn.execute(
+            update(sync_ledger)
+            .where(L.target == letter.target, L.identity_id == letter.identity_id)
+            .values(
+                status=Status.PENDING.value,
+                attempts=0,
+                next_attempt_at=None,
+                first_failure_at=None,
+                payload_digest=None,
+                # Force a push even when the version did not move since.
+                synced_version=case((L.synced_version >= L.desired_version, None), else_=L.synced_version),
+                enqueued_at=now,
+                updated_at=now,
+            )
+        )
+    return letter.target, letter.identity_id
+
+
+def finish_erasures(conn: Connection, identity_ids: Sequence[str], now: datetime) -> list[str]:
+    """Purge tombstones every target is done with, down to their erasure receipts; returns purged ids."""
+    if not identity_ids:
+        return []
+    tombs = list(
+        conn.scalars(
+            select(identities.c.id).where(
+                identities.c.id.in_(list(identity_ids)), identities.c.deleted_at.is_not(None)
+            )
+        )
+    )
+    if not tombs:
+        return []
+    rows: dict[str, list[Any]] = defaultdict(list)
+    for r in conn.execute(select(sync_ledger).where(L.identity_id.in_(tombs))):
+        rows[r.identity_id].append(r)
+    done_states = {s.value for s in DONE}
+    finished = [
+        t
+        for t in tombs
+        if all(
+            r.status in done_states
+            and r.synced_version is not None
+            and r.synced_version >= r.desired_version
+            and r.lease_owner is None
+            for r in rows[t]
+        )
+    ]
+    if not finished:
+        return []
+    receipts = [
+        {
+            "identity_id": t,
+            "target": r.target,
+            "action": r.synced_action or NONE,
+            "outcome": r.status,
+            "confirmed_at": now,
+            "detail": "",
+        }
+        for t in finished
+        for r in rows[t]
+    ]
+    receipts += [
+        {
+            "identity_id": t,
+            "target": HUB,
+            "action": "erase",
+            "outcome": "purged",
+            "confirmed_at": now,
+            "detail": "",
+        }
+        for t in finished
+    ]
+    dialect_insert = postgresql.insert if is_postgres(conn) else sqlite.insert
+    conn.execute(dialect_insert(erasure_receipts).values(receipts).on_conflict_do_nothing())
+    conn.execute(delete(sync_ledger).where(L.identity_id.in_(finished)))
+    conn.execute(
+        delete(identities).where(identities.c.id.in_(finished), identities.c.deleted_at.is_not(None))
+    )
+    return finished

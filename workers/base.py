@@ -1,0 +1,128 @@
+"""The one Task base class: logging context, the store, targets and connectors per process, enqueueing.
+
+Tasks stay one-liners: they parse ids and call a plain function; this class holds every piece of plumbing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import redis
+import structlog
+from celery import Task
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+
+from connectors.base import Connector
+from connectors.registry import build
+from orchestrator import settings
+from orchestrator.db import engine_for
+from orchestrator.relay import Publish
+from orchestrator.targets import TargetConfig, connector_settings, load_targets
+from workers.app import FANOUT_QUEUE, WorkerSettings, queue_for
+
+log = structlog.get_logger("idhub.workers")
+FANOUT_BATCH = 100
+
+
+class _Process:
+    """What a worker process builds once: the engine, the targets, one connector per target, Redis."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.targets: dict[str, TargetConfig] | None = None
+        self.connectors: dict[str, Connector] = {}
+        self.redis: redis.Redis | None = None
+
+
+_process = _Process()
+
+
+class IdhubTask(Task):  # type: ignore[misc]
+    """Binds task id, name and target to the log context; retries briefly when the store is away."""
+
+    abstract = True
+    # The store or Redis being away for a moment is the infrastructure's failure, not the record's:
+    # retry the message shortly. Back-off of records lives in the ledger, never here.
+    autoretry_for: ClassVar[tuple[type[BaseException], ...]] = (OperationalError, redis.ConnectionError)
+    retry_backoff = 1
+    retry_backoff_max = 30
+    max_retries = 10
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        target = kwargs.get("target") or (args[0] if args and isinstance(args[0], str) else None)
+        structlog.contextvars.bind_contextvars(task_id=self.request.id, task_name=self.name, target=target)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    # -- what a process builds once ------------------------------------------------------------------------
+
+    @property
+    def tuning(self) -> WorkerSettings:
+        return WorkerSettings()
+
+    @property
+    def engine(self) -> Engine:
+        return engine_for(settings.get().database_url)
+
+    def targets(self) -> Mapping[str, TargetConfig]:
+        with _process.lock:
+            if _process.targets is None:
+                path = settings.get().targets_file
+                loaded = load_targets(path) if path is not None else []
+                _process.targets = {cfg.name: cfg for cfg in loaded}
+            return _process.targets
+
+    def connector(self, target: str) -> Connector:
+        cfg = self.targets()[target]
+        with _process.lock:
+            if target not in _process.connectors:
+                _process.connectors[target] = build(cfg.connector, connector_settings(cfg))
+            return _process.connectors[target]
+
+    def redis(self) -> redis.Redis:
+        with _process.lock:
+            if _process.redis is None:
+                url = settings.get().redis_url or settings.get().broker_url
+                _process.redis = redis.Redis.from_url(url)
+            return _process.redis
+
+    def owner(self) -> str:
+        """A lease owner unique to this attempt of this task."""
+        return f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
+
+    # -- enqueueing ---------------------------------------------------------------------------------------
+
+    def enqueue_deliveries(self, due: Mapping[str, Sequence[str]], countdown: float | None = None) -> None:
+        """One ``idhub.deliver`` per target and batch, on the target's own queue."""
+        targets = self.targets()
+        for target, ids in due.items():
+            cfg = targets.get(target)
+            if cfg is None or not ids:
+                continue
+            for start in range(0, len(ids), cfg.batch_size):
+                self.app.send_task(
+                    "idhub.deliver",
+                    args=[target, list(ids[start : start + cfg.batch_size])],
+                    queue=queue_for(target),
+                    countdown=countdown,
+                )
+
+    def publisher(self) -> Publish:
+        return publisher(self.app)
+
+
+def publisher(app: Any) -> Publish:
+    """A relay ``publish`` callable: one ``idhub.fanout`` task per batch of outbox sequence numbers."""
+
+    def publish(seqs: Sequence[int]) -> None:
+        for start in range(0, len(seqs), FANOUT_BATCH):
+            app.send_task("idhub.fanout", args=[list(seqs[start : start + FANOUT_BATCH])], queue=FANOUT_QUEUE)
+
+    return publish

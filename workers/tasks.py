@@ -1,0 +1,85 @@
+"""The tasks, by stable name. Arguments are ids only; each body calls plain functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar, cast
+
+from orchestrator import relay, sync
+from orchestrator.db import now
+from workers.app import app
+from workers.base import IdhubTask
+from workers.limits import ConcurrencySlots, RateLimiter
+
+# A delivery held back by a rate limit or a busy concurrency slot comes back after at most this long.
+REQUEUE_MAX = 2.0
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _task(name: str) -> Callable[[F], F]:
+    """Register a task under its stable name, on the idhub base class (typed: Celery is not)."""
+    return cast(Callable[[F], F], app.task(name=name, base=IdhubTask, bind=True))
+
+
+@_task("idhub.fanout")
+def fanout(self: IdhubTask, seqs: list[int]) -> None:
+    self.enqueue_deliveries(sync.fanout(self.engine, list(self.targets().values()), seqs))
+
+
+@_task("idhub.deliver")
+def deliver(self: IdhubTask, target: str, identity_ids: list[str]) -> None:
+    cfg = self.targets().get(target)
+    if cfg is None:
+        return  # a target removed from the configuration: its rows wait for an operator
+    ids = identity_ids
+    if cfg.rate_limit is not None:
+        ids = ids[: max(1, int(cfg.rate_limit.burst))]
+        wait = RateLimiter(self.redis()).acquire(target, cfg.rate_limit, len(ids))
+        if wait > 0:
+            self.enqueue_deliveries({target: identity_ids}, countdown=min(wait, REQUEUE_MAX))
+            return
+    lease = self.tuning.lease_seconds
+    slots = ConcurrencySlots(self.redis())
+    token = slots.acquire(target, cfg.concurrency, ttl=lease)
+    if token is None:
+        self.enqueue_deliveries({target: identity_ids}, countdown=0.2)
+        return
+    try:
+        sync.deliver(
+            self.engine, cfg, self.connector(target), ids, owner=self.owner(), lease=timedelta(seconds=lease)
+        )
+    finally:
+        slots.release(target, token)
+    if len(ids) < len(identity_ids):
+        self.enqueue_deliveries({target: identity_ids[len(ids) :]})
+
+
+@_task("idhub.probe")
+def probe(self: IdhubTask, target: str) -> None:
+    cfg = self.targets().get(target)
+    if cfg is not None and (due := sync.probe(self.engine, cfg, self.connector(target))):
+        self.enqueue_deliveries({target: due})
+
+
+@_task("idhub.relay")
+def relay_task(self: IdhubTask) -> int:
+    return relay.drain(self.engine, self.publisher())
+
+
+@_task("idhub.sweep")
+def sweep(self: IdhubTask) -> dict[str, Any]:
+    tuning, stamp = self.tuning, now()
+    stale = timedelta(seconds=tuning.stale_after_seconds)
+    published = relay.drain(self.engine, self.publisher())
+    republished = relay.republish_stale(self.engine, self.publisher(), older_than=stamp - stale)
+    found = sync.sweep(self.engine, list(self.targets().values()), stamp, stale_after=stale)
+    self.enqueue_deliveries(found.due)
+    for target in found.probes:
+        self.app.send_task("idhub.probe", args=[target])
+    return {
+        "published": published,
+        "republished": republished,
+        "due": {t: len(i) for t, i in found.due.items()},
+        "probes": found.probes,
+    }
