@@ -9,11 +9,13 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from orchestrator import admin_cli, gdpr_cli, migrations, settings
+from orchestrator import admin_cli, gdpr_cli, logs, migrations, settings
 from orchestrator.auth import SCOPES, TokenError, create_token, list_tokens, revoke_token
 from orchestrator.db import engine_for
+from orchestrator.targets import TargetConfigError, load_targets
 
 
 class CliError(Exception):
@@ -42,10 +44,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             workers=args.workers,
             log_level="warning",
             access_log=False,
+            log_config=None,  # uvicorn's loggers go through idhub's (orchestrator.logs)
         )
         return 0
     app = create_app(cfg, _engine())
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, log_config=None)
     return 0
 
 
@@ -89,17 +92,23 @@ def _celery(*argv: str) -> int:
     return 0  # pragma: no cover
 
 
+def all_queues() -> str:
+    """Every queue of this installation: fan-out, admin, and one per configured target."""
+    path = settings.get().targets_file
+    names = [cfg.name for cfg in load_targets(path)] if path is not None else []
+    return ",".join(["fanout", "admin", *(f"target.{name}" for name in names)])
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
-    argv = ["worker", "-E", "--loglevel", args.loglevel]
-    if args.queues:
-        argv += ["-Q", args.queues]
+    argv = ["worker", "-E", "--loglevel", args.loglevel, "-Q", args.queues or all_queues()]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
     return _celery(*argv)
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
-    return _celery("beat", "--loglevel", args.loglevel)
+    Path(args.schedule).parent.mkdir(parents=True, exist_ok=True)
+    return _celery("beat", "--loglevel", args.loglevel, "--schedule", args.schedule)
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
@@ -114,6 +123,13 @@ def _delegate(module: str, function: str) -> Callable[[argparse.Namespace], int]
         return result
 
     return run
+
+
+def _kind_port(text: str) -> tuple[str, int]:
+    kind, _, port = text.partition("=")
+    if not kind or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected KIND=PORT, got {text!r}")
+    return kind, int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("beat", help="run the periodic scheduler (sweeper, probes); run exactly one")
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--schedule", default=".idhub/celerybeat-schedule", help="beat's state file")
     p.set_defaults(func=cmd_beat)
 
     p = sub.add_parser("flower", help="run Flower against the configured broker")
@@ -164,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sandbox", help="run the target simulators on loopback")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--port", action="append", default=[], metavar="KIND=PORT", type=_kind_port, dest="port_pairs"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulators' fault randomness")
+    p.set_defaults(ports=None)
     p.set_defaults(func=_delegate("connectors.sandbox.runner", "cli_main"))
 
     admin_cli.register(sub)
@@ -174,12 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "port_pairs", None):
+        args.ports = dict(args.port_pairs)
     try:
+        logs.configure_from_settings()
         return int(args.func(args))
     except settings.SettingsError as exc:
         print(exc.line, file=sys.stderr)
     except (CliError, TokenError) as exc:
         print(f"idhub: {exc}", file=sys.stderr)
+    except TargetConfigError as exc:
+        print(str(exc), file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     return 2

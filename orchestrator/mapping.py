@@ -270,7 +270,30 @@ def _container_getter(attr_path: AttrPath) -> Getter:
     return lambda doc: _ci_get(doc, urn, lurn)
 
 
+def _extension_urn(text: str) -> str | None:
+    """The extension URN ``text`` names or starts with (``urn:...:User`` or ``urn:...:User:attr``)."""
+    lowered = text.lower()
+    for urn in _EXTENSION_ATTRS:
+        if lowered == urn.lower() or lowered.startswith(urn.lower() + ":"):
+            return str(urn)
+    return None
+
+
+def _field_keys(field: str) -> tuple[str, ...]:
+    """A target field path as keys; an extension URN is one key though it holds dots (``2.0``)."""
+    urn = _extension_urn(field)
+    if urn is None:
+        return tuple(field.split("."))
+    rest = field[len(urn) + 1 :]
+    return (urn, *rest.split(".")) if rest else (urn,)
+
+
 def _single_getter(text: str) -> Getter:
+    urn = _extension_urn(text)
+    if urn is not None and len(text) == len(urn):
+        # The whole extension object, as a SCIM target that knows the schema takes it.
+        lurn = urn.lower()
+        return lambda doc: _ci_get(doc, urn, lurn)
     try:
         path = Path[HubUser](text)
     except Exception as exc:
@@ -383,7 +406,7 @@ def compile_mapping(mapping: Mapping[str, str]) -> Mapper:
     entries: list[tuple[tuple[str, ...], Getter]] = []
     seen: dict[tuple[str, ...], str] = {}
     for field, source in mapping.items():
-        keys = tuple(field.split("."))
+        keys = _field_keys(field)
         if not field or any(not k for k in keys):
             raise MappingError(f"{field!r}: invalid target field path")
         if not isinstance(source, str) or not source.strip():

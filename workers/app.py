@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,6 +27,13 @@ class WorkerSettings(BaseSettings):
     sweep_interval: float = Field(default=5.0, gt=0)
     # Above the longest task (a batch delivery is bounded by its lease), or Redis re-delivers it meanwhile.
     visibility_timeout: int = Field(default=7200, gt=0)
+    reconcile_every: float | None = Field(
+        default=None, gt=0, description="Seconds between scheduled reconciliations (report only); unset: off."
+    )
+
+
+# The embedded broker's transport (see workers/fsbroker.py), known to kombu by a scheme of its own.
+TRANSPORT_ALIASES.setdefault("idhubfs", "workers.fsbroker:Transport")
 
 
 def queue_for(target: str) -> str:
@@ -31,10 +41,28 @@ def queue_for(target: str) -> str:
     return f"target.{target}"
 
 
+def broker_options(broker_url: str, tuning: WorkerSettings) -> tuple[str, dict[str, object]]:
+    """The URL Celery gets and its transport options.
+
+    ``filesystem:///some/folder`` is the embedded broker of the demo: kombu's file-system transport keeps
+    messages as files in that folder, so the hub runs with no server at all.
+    """
+    if broker_url.startswith("filesystem://"):
+        folder = Path(broker_url.removeprefix("filesystem://") or ".idhub/broker")
+        folder.mkdir(parents=True, exist_ok=True)
+        return "idhubfs://", {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "polling_interval": 0.05,
+        }
+    return broker_url, {"visibility_timeout": tuning.visibility_timeout}
+
+
 def make_app(broker_url: str, tuning: WorkerSettings | None = None) -> Celery:
     """A Celery app on ``broker_url`` with idhub's reliability settings and routes."""
     tuning = tuning or WorkerSettings()
-    app = Celery("idhub", broker=broker_url, include=["workers.tasks"])
+    url, transport_options = broker_options(broker_url, tuning)
+    app = Celery("idhub", broker=url, include=["workers.tasks", "workers.admin_tasks"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -47,18 +75,24 @@ def make_app(broker_url: str, tuning: WorkerSettings | None = None) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": tuning.visibility_timeout},
+        broker_transport_options=transport_options,
         task_default_queue=ADMIN_QUEUE,
         task_routes={
             "idhub.fanout": {"queue": FANOUT_QUEUE},
             "idhub.sweep": {"queue": ADMIN_QUEUE},
             "idhub.probe": {"queue": ADMIN_QUEUE},
             "idhub.relay": {"queue": ADMIN_QUEUE},
+            "idhub.admin.*": {"queue": ADMIN_QUEUE},
         },
         beat_schedule={
             "idhub.sweep": {"task": "idhub.sweep", "schedule": tuning.sweep_interval},
         },
     )
+    if tuning.reconcile_every is not None:
+        app.conf.beat_schedule["idhub.admin.reconcile_all"] = {
+            "task": "idhub.admin.reconcile_all",
+            "schedule": tuning.reconcile_every,
+        }
     return app
 
 

@@ -8,21 +8,25 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any, ClassVar
 
 import redis
 import structlog
 from celery import Task
+from celery.exceptions import Retry
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from connectors.base import Connector
 from connectors.registry import build
-from orchestrator import settings
+from orchestrator import metrics, settings, sync
 from orchestrator.db import engine_for
 from orchestrator.relay import Publish
 from orchestrator.targets import TargetConfig, connector_settings, load_targets
+from workers import telemetry  # noqa: F401 - connects the logging and metrics signals
 from workers.app import FANOUT_QUEUE, WorkerSettings, queue_for
 
 log = structlog.get_logger("idhub.workers")
@@ -54,11 +58,18 @@ class IdhubTask(Task):  # type: ignore[misc]
     max_retries = 10
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        target = kwargs.get("target") or (args[0] if args and isinstance(args[0], str) else None)
-        structlog.contextvars.bind_contextvars(task_id=self.request.id, task_name=self.name, target=target)
+        structlog.contextvars.bind_contextvars(**log_context(self.name, self.request.id, args, kwargs))
+        started, outcome = time.perf_counter(), "error"
         try:
-            return super().__call__(*args, **kwargs)
+            result = super().__call__(*args, **kwargs)
+            outcome = "ok"
+            return result
+        except Retry:
+            outcome = "retry"
+            raise
         finally:
+            metrics.TASKS.labels(self.name, outcome).inc()
+            metrics.TASK_SECONDS.labels(self.name).observe(time.perf_counter() - started)
             structlog.contextvars.clear_contextvars()
 
     # -- what a process builds once ------------------------------------------------------------------------
@@ -86,10 +97,13 @@ class IdhubTask(Task):  # type: ignore[misc]
                 _process.connectors[target] = build(cfg.connector, connector_settings(cfg))
             return _process.connectors[target]
 
-    def redis(self) -> redis.Redis:
+    def redis(self) -> redis.Redis | None:
+        """The Redis that holds global rate limits and slots; None on the embedded broker (no Redis)."""
         with _process.lock:
             if _process.redis is None:
                 url = settings.get().redis_url or settings.get().broker_url
+                if not url.startswith(("redis://", "rediss://", "unix://")):
+                    return None
                 _process.redis = redis.Redis.from_url(url)
             return _process.redis
 
@@ -97,15 +111,41 @@ class IdhubTask(Task):  # type: ignore[misc]
         """A lease owner unique to this attempt of this task."""
         return f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
 
+    def deliver_batch(self, cfg: TargetConfig, ids: Sequence[str], lease: float) -> sync.DeliveryReport:
+        """``sync.deliver`` under this attempt's lease, recorded in the metrics and the log (ids only)."""
+        started = time.perf_counter()
+        report = sync.deliver(
+            self.engine,
+            cfg,
+            self.connector(cfg.name),
+            ids,
+            owner=self.owner(),
+            lease=timedelta(seconds=lease),
+        )
+        elapsed = time.perf_counter() - started
+        metrics.observe_delivery(self.engine, report, elapsed)
+        counts = {o: len(getattr(report, o, ())) for o in metrics.OUTCOMES}
+        log.info("delivery batch", **counts, calls=report.calls, duration_ms=round(elapsed * 1000, 1))
+        if report.dead:
+            log.warning("dead letters", identity_ids=report.dead)
+        if report.quarantined or report.disabled:
+            log.warning("target paused", quarantined=report.quarantined, disabled=report.disabled)
+        return report
+
     # -- enqueueing ---------------------------------------------------------------------------------------
 
-    def enqueue_deliveries(self, due: Mapping[str, Sequence[str]], countdown: float | None = None) -> None:
-        """One ``idhub.deliver`` per target and batch, on the target's own queue."""
+    def enqueue_deliveries(
+        self, due: Mapping[str, Sequence[str]], countdown: float | None = None, *, reason: str | None = None
+    ) -> None:
+        """One ``idhub.deliver`` per target and batch, on the target's own queue; ``reason`` of a put-off."""
         targets = self.targets()
         for target, ids in due.items():
             cfg = targets.get(target)
             if cfg is None or not ids:
                 continue
+            metrics.ENQUEUED.labels(target).inc(len(ids))
+            if reason is not None:
+                metrics.DEFERRED.labels(target, reason).inc()
             for start in range(0, len(ids), cfg.batch_size):
                 self.app.send_task(
                     "idhub.deliver",
@@ -124,5 +164,27 @@ def publisher(app: Any) -> Publish:
     def publish(seqs: Sequence[int]) -> None:
         for start in range(0, len(seqs), FANOUT_BATCH):
             app.send_task("idhub.fanout", args=[list(seqs[start : start + FANOUT_BATCH])], queue=FANOUT_QUEUE)
+        metrics.PUBLISHED.inc(len(seqs))
+        log.debug("published", events=len(seqs), first_seq=seqs[0] if seqs else None)
 
     return publish
+
+
+def log_context(
+    name: str, task_id: str | None, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What a task's log lines carry: its id and name, and the target and identity it works on (ids only)."""
+    context: dict[str, Any] = {"task_id": task_id, "task_name": name}
+    target = kwargs.get("target") or (args[0] if args and isinstance(args[0], str) else None)
+    if target is not None:
+        context["target"] = target
+    ids = kwargs.get("identity_ids") or (args[1] if len(args) > 1 and isinstance(args[1], list) else None)
+    if isinstance(ids, list):
+        if len(ids) == 1:
+            context["identity_id"] = ids[0]
+        else:
+            context["batch"] = len(ids)
+    seqs = kwargs.get("seqs") or (args[0] if args and isinstance(args[0], list) else None)
+    if isinstance(seqs, list) and seqs:
+        context["outbox_seqs"] = f"{seqs[0]}-{seqs[-1]}" if len(seqs) > 1 else str(seqs[0])
+    return context

@@ -33,24 +33,27 @@ def deliver(self: IdhubTask, target: str, identity_ids: list[str]) -> None:
     if cfg is None:
         return  # a target removed from the configuration: its rows wait for an operator
     ids = identity_ids
-    if cfg.rate_limit is not None:
-        ids = ids[: max(1, int(cfg.rate_limit.burst))]
-        wait = RateLimiter(self.redis()).acquire(target, cfg.rate_limit, len(ids))
-        if wait > 0:
-            self.enqueue_deliveries({target: identity_ids}, countdown=min(wait, REQUEUE_MAX))
-            return
     lease = self.tuning.lease_seconds
-    slots = ConcurrencySlots(self.redis())
-    token = slots.acquire(target, cfg.concurrency, ttl=lease)
-    if token is None:
-        self.enqueue_deliveries({target: identity_ids}, countdown=0.2)
+    # The embedded broker has no Redis: there, rate limits and slots are not enforced (the demo only).
+    store = self.redis()
+    if store is not None and cfg.rate_limit is not None:
+        ids = ids[: max(1, int(cfg.rate_limit.burst))]
+        wait = RateLimiter(store).acquire(target, cfg.rate_limit, len(ids))
+        if wait > 0:
+            self.enqueue_deliveries(
+                {target: identity_ids}, countdown=min(wait, REQUEUE_MAX), reason="rate_limited"
+            )
+            return
+    slots = ConcurrencySlots(store) if store is not None else None
+    token = slots.acquire(target, cfg.concurrency, ttl=lease) if slots is not None else None
+    if slots is not None and token is None:
+        self.enqueue_deliveries({target: identity_ids}, countdown=0.2, reason="busy")
         return
     try:
-        sync.deliver(
-            self.engine, cfg, self.connector(target), ids, owner=self.owner(), lease=timedelta(seconds=lease)
-        )
+        self.deliver_batch(cfg, ids, lease)
     finally:
-        slots.release(target, token)
+        if slots is not None and token is not None:
+            slots.release(target, token)
     if len(ids) < len(identity_ids):
         self.enqueue_deliveries({target: identity_ids[len(ids) :]})
 
