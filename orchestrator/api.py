@@ -49,7 +49,7 @@ from scim2_server.service import ScimService
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
 
-from orchestrator import migrations
+from orchestrator import logs, metrics, migrations, openapi
 from orchestrator.auth import Principal, TokenVerifier
 from orchestrator.db import engine_for
 from orchestrator.scim import storage as scim_storage
@@ -157,12 +157,10 @@ class Hub:
             write = request.method.upper() not in ("GET", "HEAD") and operation not in READ_OPERATIONS
             with (
                 self.engine.begin() as conn,
-                scim_storage.bind(conn, write=write, bulk=operation is Operation.bulk),
+                scim_storage.bind(conn, write=write),
             ):
+                # Relays wake at commit through the outbox trigger (migration 0001); polling covers the rest.
                 response = self.handler.handle(request)
-                if write and conn.dialect.name == "postgresql":
-                    # Wakes relays at commit; polling covers a missed notification.
-                    conn.execute(text("NOTIFY idhub_outbox"))
         except SCIMException as exc:
             response = self.service.error_response(exc)
         except Exception as exc:
@@ -181,6 +179,7 @@ class Hub:
 
 def create_app(settings: Settings, engine: Engine | None = None, *, migrate: bool = True) -> FastAPI:
     """The ASGI application of the hub."""
+    logs.configure(settings.log_format, settings.log_level)
     engine = engine or engine_for(settings.database_url)
     if migrate:
         migrations.upgrade(engine)
@@ -188,9 +187,24 @@ def create_app(settings: Settings, engine: Engine | None = None, *, migrate: boo
     app = FastAPI(title="idhub", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
 
+    # -- telemetry: request id, access log and HTTP metrics per request; the Prometheus scrape ------------
+    app.add_middleware(metrics.RequestTelemetry)
+    scrape = metrics.hub_registry(engine)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus(request: Request) -> Response:
+        body, content_type = metrics.render(scrape, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    spec = openapi.document(settings)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_json() -> JSONResponse:
+        return JSONResponse(spec)
 
     @app.get("/readyz", include_in_schema=False)
     def readyz() -> Response:

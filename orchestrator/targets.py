@@ -414,7 +414,9 @@ class Decision:
 
 
 def _doc(user: Any) -> Mapping[str, Any]:
-    return user if isinstance(user, Mapping) else user.model_dump()
+    doc = user if isinstance(user, Mapping) else user.model_dump()
+    # The hub counts a User without ``active`` as active (so does its SQL); scopes must agree.
+    return doc if "active" in doc else {**doc, "active": True}
 
 
 def in_scope(cfg: TargetConfig, user_doc: Mapping[str, Any]) -> bool:

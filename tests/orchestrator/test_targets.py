@@ -361,3 +361,12 @@ def test_groups_only_where_the_connector_supports_them() -> None:
 
 def test_no_scope_means_everyone(targets: dict[str, TargetConfig]) -> None:
     assert in_scope(targets["crm"], user_doc(active=False, marketing=None, email=None))
+
+
+def test_a_user_without_active_counts_as_active_in_scopes() -> None:
+    cfg = parse_targets(
+        "targets:\n  - {name: app, connector: scim, url: 'http://127.0.0.1:1/scim/v2', scope: 'active eq true'}\n",
+        check_env=False,
+    )[0]
+    assert in_scope(cfg, {"userName": "x"})
+    assert not in_scope(cfg, {"userName": "x", "active": False})

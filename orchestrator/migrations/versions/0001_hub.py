@@ -86,6 +86,21 @@ def upgrade() -> None:
         sqlite_where=sa.text("published_at IS NULL"),
     )
 
+    if op.get_bind().dialect.name == "postgresql":
+        # Every transaction that writes outbox rows wakes the relays at commit, whoever wrote them, with no
+        # extra round trip; PostgreSQL folds a transaction's identical notifications into one.
+        op.execute(
+            """
+            CREATE FUNCTION idhub_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('idhub_outbox', '');
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
+                FOR EACH STATEMENT EXECUTE FUNCTION idhub_outbox_notify();
+            """
+        )
+
     op.create_table(
         "api_tokens",
         sa.Column("id", sa.String(36), primary_key=True),
@@ -99,5 +114,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP TRIGGER IF EXISTS outbox_notify ON outbox; DROP FUNCTION IF EXISTS idhub_outbox_notify();")
     for table in ("api_tokens", "outbox", "group_members", "groups", "identities"):
         op.drop_table(table)
