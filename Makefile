@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench-hub services-check clean
+.PHONY: install demo test lint bench bench-hub services-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# End to end on real PostgreSQL, Redis, Celery and loopback targets; `make bench SCENARIO=drain` runs one.
+# Sizes: BENCH_DRAIN_N, BENCH_LATENCY_RATE, BENCH_LATENCY_SECONDS, BENCH_RESYNC_SIZES, BENCH_NAIVE_N, ...
+# (see benchmarks/__main__.py); results in build/bench/results.json.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(if $(SCENARIO),--scenario $(SCENARIO))
 
 bench-hub: $(STAMP)
 	$(BIN)/python -m benchmarks.hub

@@ -30,6 +30,9 @@ class Record:
     attributes: Mapping[str, Any]  # nested dict of the target's own fields, already mapped
     remote_id: str | None = None  # the target's id for this identity, when the ledger knows it
     match_key: str | None = None  # value used to find an existing account (e-mail, userName)
+    # The hub switched this account off earlier (deactivated, left scope) and wants it on again: a target
+    # whose update never changes an account's state by itself (a newsletter's status) turns it back on.
+    resume: bool = False
 
 
 @dataclass(frozen=True)

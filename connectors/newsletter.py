@@ -85,7 +85,7 @@ class NewsletterConnector(Connector):
         return Result(key, "adopted" if existing else "created")
 
     def upsert_many(self, records: Sequence[Record]) -> list[Result | Exception]:
-        explicit = all("status" in r.attributes for r in records)
+        explicit = all("status" in self._body(r) for r in records)
         batched = [i for i, r in enumerate(records) if explicit or not r.remote_id]
         out: list[Result | Exception | None] = [None] * len(records)
         members: list[dict[str, Any]] = []
@@ -95,8 +95,8 @@ class NewsletterConnector(Connector):
             except PermanentError as exc:
                 out[i] = exc
                 continue
-            status = records[i].attributes.get("status", self.status_if_new)
-            members.append({**self._body(records[i]), "email_address": email, "status": status})
+            body = self._body(records[i])
+            members.append({**body, "email_address": email, "status": body.get("status", self.status_if_new)})
         if members:
             body = {"members": members, "update_existing": explicit}
             answer = send(self.client, "POST", f"lists/{self.list_id}", json=body).json()
@@ -190,6 +190,8 @@ class NewsletterConnector(Connector):
 
     def _body(self, record: Record) -> dict[str, Any]:
         body = {k: v for k, v in record.attributes.items() if k in ("merge_fields", "language", "status")}
+        if record.resume:
+            body.setdefault("status", self.status_if_new)
         if self.id_merge_field:
             body["merge_fields"] = {
                 **(body.get("merge_fields") or {}),

@@ -30,8 +30,10 @@ from connectors.errors import (
     SyncError,
     TargetDisabledError,
 )
+from orchestrator import gdpr
 from orchestrator.db import group_members, groups, identities, is_postgres, outbox
 from orchestrator.db import now as utcnow
+from orchestrator.guard import HELD, Candidate, hold_mass_deprovisions
 from orchestrator.ledger import (
     DONE,
     Status,
@@ -40,7 +42,7 @@ from orchestrator.ledger import (
     sync_ledger,
     target_state,
 )
-from orchestrator.mapping import compile_mapping, match_key
+from orchestrator.mapping import compile_mapping, match_key, schema_of
 from orchestrator.relay import fanned_out
 from orchestrator.targets import TargetConfig, decide
 
@@ -48,7 +50,10 @@ L = sync_ledger.c
 UPSERT = "upsert"
 NONE = "none"
 # The receipt the hub writes for itself when it purges a tombstone.
-HUB = "*hub*"
+HUB = gdpr.HUB
+# Rows of raised priority (consent changes) a delivery takes on top of the ids it was asked for, so they
+# jump a backlog queued ahead of them; bounded because those calls come on top of the rate-limit tokens.
+_URGENT_PER_CALL = 10
 _CHUNK = 500
 
 
@@ -98,7 +103,9 @@ def fanout(
                 )
                 if decision.action == NONE and old is None:
                     continue  # never held there, nothing to hold: no row needed
-                prio = int(_touches(changed[uid], cfg.priority_paths))
+                # Urgent: a consent change to an account the target holds (stop mailing now); a first
+                # provisioning waits its turn with the other sign-ups.
+                prio = int(old is not None and _touches(changed[uid], cfg.priority_paths))
                 values.append(_desired(cfg.name, uid, "User", ident.version, decision.action, prio, now))
             if cfg.groups:
                 for gid, grp in group_rows.items():
@@ -107,10 +114,14 @@ def fanout(
                         continue
                     action = "delete" if grp.deleted_at is not None else UPSERT
                     values.append(_desired(cfg.name, gid, "Group", grp.version, action, 0, now))
-        for target, ident_id in _upsert_desired(conn, values, now):
+        urgent = {(v["target"], v["identity_id"]) for v in values if v["priority"]}
+        # Consent changes first, so the deliveries enqueued from this list take them first.
+        for target, ident_id in sorted(_upsert_desired(conn, values, now), key=lambda k: k not in urgent):
             due[target].append(ident_id)
         fanned_out(conn, seqs)
-        finish_erasures(conn, [u for u, i in users.items() if i.deleted_at is not None], now)
+        erased = {u: i.deleted_at for u, i in users.items() if i.deleted_at is not None}
+        gdpr.record_requests(conn, erased, "api")
+        finish_erasures(conn, list(erased), now)
     return dict(due)
 
 
@@ -150,7 +161,12 @@ def _upsert_desired(conn: Connection, values: list[dict[str, Any]], now: datetim
                 "attempts": case((was_dead, 0), else_=L.attempts),
                 "next_attempt_at": case((was_dead, None), else_=L.next_attempt_at),
                 "first_failure_at": case((was_dead, None), else_=L.first_failure_at),
-                "priority": ex.priority,
+                # A raised priority holds until it is delivered; a later ordinary change must not lower it.
+                "priority": case(
+                    (and_(L.synced_version.is_not(None), L.synced_version >= L.desired_version), ex.priority),
+                    (L.priority > ex.priority, L.priority),
+                    else_=ex.priority,
+                ),
                 "enqueued_at": now,
                 "updated_at": now,
             },
@@ -181,8 +197,23 @@ def _provisioned(row: Any) -> bool:
 
 
 def _touches(changed: Iterable[str], paths: Iterable[str]) -> bool:
-    wanted = [p.lower() for p in paths]
-    return any(c == w or c.startswith(w + ".") or w.startswith(c + ".") for c in changed for w in wanted)
+    """Whether a changed path falls under a priority path. Extension paths match by attribute name
+    (``urn:...:User:consents`` matches ``consents``); a whole extension changed matches its attributes."""
+    wanted = [_attr_name(p) for p in paths]
+    for path in changed:
+        name = _attr_name(path)
+        for w in wanted:
+            if name == w or name.startswith(w + ".") or w.startswith(name + "."):
+                return True
+            if path.lower() == (schema_of(w.split(".", 1)[0]) or "").lower():
+                return True
+    return False
+
+
+def _attr_name(path: str) -> str:
+    """A path without its schema URN, lower-cased: ``urn:...:User:consents.x`` -> ``consents.x``."""
+    path = path.lower()
+    return path.rsplit(":", 1)[1] if path.startswith("urn:") else path
 
 
 # --------------------------------------------------------------------------------------------- delivery
@@ -198,6 +229,7 @@ class DeliveryReport:
     retrying: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     not_due: list[str] = field(default_factory=list)  # already synced, dead, in back-off or leased elsewhere
+    held: list[str] = field(default_factory=list)  # deprovisions the mass-deprovisioning guard holds back
     calls: int = 0
     quarantined: bool = False
     disabled: bool = False
@@ -214,6 +246,8 @@ class _Job:
     group: Any = None
     result: Result | None = None
     error: Exception | None = None
+    erased: bool = False  # the identity is a tombstone: this job carries out an erasure
+    confirmation: str | None = None  # the erasure's read-back (gdpr.VERIFIED_ABSENT / REQUESTED)
 
 
 _mappers: dict[int, tuple[Any, Callable[[Mapping[str, Any]], dict[str, Any]]]] = {}
@@ -243,9 +277,7 @@ def deliver(
     ``owner`` must be unique per attempt; ``lease`` must outlast the slowest connector call of a batch.
     """
     report = DeliveryReport(cfg.name)
-    ids = list(dict.fromkeys(identity_ids))
-    size = cfg.batch_size
-    for start in range(0, len(ids), size):
+    for chunk in _urgent_first(engine, cfg, list(dict.fromkeys(identity_ids)), now or utcnow()):
         stamp = now or utcnow()
         state = _target_state(engine, cfg.name)
         if state is not None and state.disabled:
@@ -254,10 +286,29 @@ def deliver(
         if state is not None and state.quarantined_until is not None:
             report.quarantined = True
             return report
-        _deliver_chunk(engine, cfg, connector, ids[start : start + size], stamp, owner, lease, report)
+        _deliver_chunk(engine, cfg, connector, chunk, stamp, owner, lease, report)
         if report.disabled or report.quarantined:
             return report
     return report
+
+
+def _urgent_first(engine: Engine, cfg: TargetConfig, ids: list[str], now: datetime) -> list[list[str]]:
+    """Delivery chunks: the target's due rows of raised priority first, in a chunk of their own (up to
+    ``_URGENT_PER_CALL`` of them beyond ``ids``), then ``ids`` in chunks of the target's batch size."""
+    with engine.connect() as conn:
+        urgent = list(
+            conn.scalars(
+                select(L.identity_id)
+                .where(L.target == cfg.name, L.priority > 0, _due(now), _lease_free(now))
+                .order_by(L.updated_at)
+                .limit(_URGENT_PER_CALL)
+            )
+        )
+    taken = set(urgent)
+    rest = [i for i in ids if i not in taken]
+    size = cfg.batch_size
+    chunks = [urgent[s : s + size] for s in range(0, len(urgent), size)]
+    return chunks + [rest[s : s + size] for s in range(0, len(rest), size)]
 
 
 def _deliver_chunk(
@@ -284,6 +335,12 @@ def _deliver_chunk(
     if not rows:
         return
     jobs, purged = _plan(engine, cfg, connector, rows)
+    pending = [
+        Candidate(j.row, j.action, j.version) for j in jobs if j.result is None and j.resource_type == "User"
+    ]
+    if held := hold_mass_deprovisions(engine, cfg.name, pending, now, owner):
+        report.held.extend(sorted(held))
+        jobs = [j for j in jobs if j.row.identity_id not in held]
     disabled = _call(cfg, connector, [j for j in jobs if j.result is None and j.error is None], report)
     _record(engine, cfg, jobs, purged, now, owner, report, disabled)
 
@@ -332,8 +389,12 @@ def _plan(
             action = decide(cfg, doc, deleted=deleted, previously_provisioned=_provisioned(row)).action
             attrs = mapper(doc) if doc else {}
             key = match_key(attrs, connector.match_field) if attrs else None
-            record = Record(row.identity_id, ident.version, attrs, remote_id=row.remote_id, match_key=key)
-            job = _Job(row, action, ident.version, record, _digest(action, attrs), "User")
+            # Switched back on after a deactivation (consent regranted, reactivated).
+            resume = action == UPSERT and row.synced_action == "deactivate"
+            record = Record(
+                row.identity_id, ident.version, attrs, remote_id=row.remote_id, match_key=key, resume=resume
+            )
+            job = _Job(row, action, ident.version, record, _digest(action, attrs), "User", erased=deleted)
         if action == NONE or (job.digest == row.payload_digest and action == row.synced_action):
             job.result = Result(row.remote_id, "unchanged")
         jobs.append(job)
@@ -369,6 +430,10 @@ def _call(cfg: TargetConfig, connector: Connector, jobs: list[_Job], report: Del
                 _one(connector, job, report)
         for job in others:
             _one(connector, job, report)
+        for job in jobs:
+            if job.erased and job.result is not None:
+                remote = job.result.remote_id or job.record.remote_id
+                job.confirmation = gdpr.confirm(connector, job.action, remote, job.result.outcome)
     except TargetDisabledError:
         return True
     return False
@@ -461,7 +526,10 @@ def _record(
             continue
         retryable += isinstance(exc, RetryableError)
         first = job.row.first_failure_at or now
-        if attempts >= policy.max_attempts or (now - _aware(first, now)).total_seconds() >= policy.max_age:
+        # An erasure is owed whatever the wait: a target that is down delays it, never drops it.
+        persist = job.erased and isinstance(exc, RetryableError)
+        expired = (now - _aware(first, now)).total_seconds() >= policy.max_age
+        if not persist and (attempts >= policy.max_attempts or expired):
             dead.append((job, code, f"gave up after {attempts} attempts: {message}"[:512], attempts))
             continue
         delay = _backoff(attempts, policy.base, policy.cap)
@@ -480,6 +548,7 @@ def _record(
         )
     fence = and_(L.target == cfg.name, L.identity_id == bindparam("k_id"), L.lease_owner == owner)
     with engine.begin() as conn:
+        _erasure_receipts(conn, cfg.name, jobs, owner, now)
         if ok:
             v: Any = bindparam("v_version")
             conn.execute(
@@ -496,6 +565,7 @@ def _record(
                     status=case((L.desired_version > v, Status.PENDING.value), else_=bindparam("v_status")),
                     remote_id=bindparam("v_remote"),
                     payload_digest=bindparam("v_digest"),
+                    priority=case((L.desired_version > v, L.priority), else_=0),
                     attempts=0,
                     next_attempt_at=None,
                     first_failure_at=None,
@@ -545,6 +615,32 @@ def _record(
         finish_erasures(conn, [j.row.identity_id for j in jobs if j.resource_type == "User"], now)
     if disabled or _is_quarantined(engine, cfg.name):
         report.quarantined = report.quarantined or not disabled
+
+
+def _erasure_receipts(conn: Connection, target: str, jobs: list[_Job], owner: str, now: datetime) -> None:
+    """Write the receipt of each erasure this delivery carried out, where our lease still holds."""
+    confirmed = {j.row.identity_id: j for j in jobs if j.confirmation is not None and j.result is not None}
+    if not confirmed:
+        return
+    held = conn.scalars(
+        select(L.identity_id).where(
+            L.target == target, L.identity_id.in_(list(confirmed)), L.lease_owner == owner
+        )
+    )
+    rows = []
+    for ident in held:
+        job = confirmed[ident]
+        rows.append(
+            {
+                "identity_id": ident,
+                "target": target,
+                "action": job.action,
+                "outcome": _success(job)["v_status"],
+                "confirmed_at": now,
+                "detail": job.confirmation,
+            }
+        )
+    gdpr.write_receipts(conn, rows)
 
 
 def _success(job: _Job) -> dict[str, Any]:
@@ -613,7 +709,7 @@ def _dead_letter(
 def _describe(exc: Exception) -> tuple[str, str]:
     """A PII-free code and message: connector errors carry identifiers only; anything else by class name."""
     if isinstance(exc, SyncError):
-        return exc.code[:64], (exc.message or exc.code)[:512]
+        return gdpr.scrub(exc.code, 64), gdpr.scrub(exc.message or exc.code, 512)
     return "internal", type(exc).__name__
 
 
@@ -632,7 +728,7 @@ def _aware(value: datetime, like: datetime) -> datetime:
 
 def _due(now: datetime) -> ColumnElement[bool]:
     return and_(
-        L.status != Status.DEAD.value,
+        L.status.not_in((Status.DEAD.value, HELD)),
         or_(
             L.synced_version.is_(None),
             L.desired_version > L.synced_version,
@@ -797,6 +893,7 @@ def sweep(
                     .values(enqueued_at=now)
                 )
                 result.due[cfg.name] = ids
+    gdpr.maybe_purge_expired(engine, now)  # at most once per IDHUB_RETENTION_PURGE_INTERVAL
     return result
 
 
@@ -833,13 +930,15 @@ def finish_erasures(conn: Connection, identity_ids: Sequence[str], now: datetime
     """Purge tombstones every target is done with, down to their erasure receipts; returns purged ids."""
     if not identity_ids:
         return []
-    tombs = list(
-        conn.scalars(
-            select(identities.c.id).where(
+    tombstones = {
+        r.id: r
+        for r in conn.execute(
+            select(identities.c.id, identities.c.version, identities.c.deleted_at).where(
                 identities.c.id.in_(list(identity_ids)), identities.c.deleted_at.is_not(None)
             )
         )
-    )
+    }
+    tombs = list(tombstones)
     if not tombs:
         return []
     rows: dict[str, list[Any]] = defaultdict(list)
@@ -853,6 +952,9 @@ def finish_erasures(conn: Connection, identity_ids: Sequence[str], now: datetime
             r.status in done_states
             and r.synced_version is not None
             and r.synced_version >= r.desired_version
+            # The deletion itself must have reached this row: a delivery that ran ahead of the delete's
+            # fan-out (a resync, sync-now) leaves older versions that look done.
+            and r.desired_version >= tombstones[t].version
             and r.lease_owner is None
             for r in rows[t]
         )
@@ -888,4 +990,5 @@ def finish_erasures(conn: Connection, identity_ids: Sequence[str], now: datetime
     conn.execute(
         delete(identities).where(identities.c.id.in_(finished), identities.c.deleted_at.is_not(None))
     )
+    gdpr.complete(conn, {t: tombstones[t].deleted_at for t in finished}, now)
     return finished

@@ -53,6 +53,8 @@ def broker_options(broker_url: str, tuning: WorkerSettings) -> tuple[str, dict[s
         return "idhubfs://", {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
+            # Broadcast (control) messages too, or kombu drops a "control" folder in the working directory.
+            "control_folder": str(folder / "control"),
             "polling_interval": 0.05,
         }
     return broker_url, {"visibility_timeout": tuning.visibility_timeout}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
+import orchestrator.admin  # registers the audit log
+import orchestrator.gdpr  # registers the erasure requests and the urgent-row index
+import orchestrator.guard  # registers the deprovisioning holds
 import orchestrator.ledger  # noqa: F401 - registers the ledger tables on the metadata
 from orchestrator.db import metadata
 

@@ -115,6 +115,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP TRIGGER IF EXISTS outbox_notify ON outbox; DROP FUNCTION IF EXISTS idhub_outbox_notify();")
+        op.execute("DROP TRIGGER IF EXISTS outbox_notify ON outbox")
+        op.execute("DROP FUNCTION IF EXISTS idhub_outbox_notify()")
     for table in ("api_tokens", "outbox", "group_members", "groups", "identities"):
         op.drop_table(table)

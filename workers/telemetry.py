@@ -1,0 +1,52 @@
+"""Logging and metrics of the worker-side processes, wired through Celery's signals.
+
+Imported by ``workers.base``, so every process that loads the tasks is wired:
+
+- ``setup_logging``: Celery asks how to log; idhub's redacting JSON/console logging answers instead of
+  Celery's own handlers (``IDHUB_LOG_LEVEL`` when set, else the worker's ``--loglevel``).
+- ``worker_init`` (the worker's main process, before the pool forks): empties ``PROMETHEUS_MULTIPROC_DIR``
+  and serves the metrics on ``IDHUB_METRICS_PORT`` (see ``orchestrator.metrics``).
+- ``worker_process_shutdown``: a pool child is gone; multiprocess mode forgets its live gauges.
+
+``start_process()`` does the same for a plain process (the relay).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import signals
+
+from orchestrator import logs, metrics
+
+log = logging.getLogger("idhub.workers")
+
+
+@signals.setup_logging.connect  # type: ignore[untyped-decorator]
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    logs.configure_from_settings(loglevel or None)
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _worker_init(sender: Any = None, **_: Any) -> None:
+    metrics.reset_multiprocess_dir()
+    port = metrics.serve()
+    pool = getattr(sender, "pool_cls", None)  # a name here ("prefork"), or already the class
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if port is not None and metrics.multiprocess_dir() is None and "prefork" in name:
+        log.warning(
+            "metrics: a prefork worker needs PROMETHEUS_MULTIPROC_DIR, or its children's samples are lost"
+        )
+
+
+@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _child_exited(pid: int | None = None, **_: Any) -> None:
+    metrics.process_exited(pid or os.getpid())
+
+
+def start_process() -> None:
+    """Set up logging and serve metrics in a process that is not a Celery worker (the relay)."""
+    logs.configure_from_settings()
+    metrics.serve()
