@@ -158,8 +158,10 @@ class CrmConnector(Connector):
 
     # -- reading ------------------------------------------------------------------------------------
     def find(self, match_key: str) -> str | None:
-        response = self._send("GET", f"{BASE}/{match_key}", params={"idProperty": "email"}, expect={404})
-        return None if response.status_code == 404 else str(response.json()["id"])
+        # batch/read keeps the e-mail in the body: a GET by e-mail would put it in the target's access logs.
+        body = {"idProperty": "email", "inputs": [{"id": match_key}], "properties": ["email"]}
+        results = self._send("POST", f"{BASE}/batch/read", json=body).json().get("results", [])
+        return str(results[0]["id"]) if results else None
 
     def read(self, remote_id: str) -> Mapping[str, Any] | None:
         params = {"properties": ",".join(self._read_names())}

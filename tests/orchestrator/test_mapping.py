@@ -181,3 +181,19 @@ def test_a_compiled_mapping_is_fast_enough_for_the_benchmark() -> None:
     elapsed = time.perf_counter() - start
     # 20,000 maps; a generous bound so a busy CI machine passes: 100,000 records well under 10 s.
     assert elapsed < 2.0, elapsed
+
+
+@pytest.mark.parametrize("kind", ["scim", "shop", "newsletter", "crm", "webhook"])
+def test_every_built_in_connector_default_mapping_compiles(kind: str) -> None:
+    from connectors.registry import connector_class
+
+    mapper = compile_mapping(connector_class(kind).default_mapping)
+    mapped = mapper(
+        {
+            "userName": "u",
+            "emails": [{"value": "u@example.org", "primary": True}],
+            "name": {"givenName": "G", "familyName": "F"},
+            "urn:idhub:schemas:extension:customer:2.0:User": {"loyalty": {"tier": "gold"}},
+        }
+    )
+    assert mapped, kind
