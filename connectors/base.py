@@ -33,6 +33,10 @@ class Record:
     # The hub switched this account off earlier (deactivated, left scope) and wants it on again: a target
     # whose update never changes an account's state by itself (a newsletter's status) turns it back on.
     resume: bool = False
+    # Never tried at this target before: an account can only exist if someone else made it. A connector
+    # whose target enforces uniqueness of the matching key (SCIM userName) may create first and adopt on
+    # the conflict, saving a lookup per new record.
+    first_attempt: bool = False
 
 
 @dataclass(frozen=True)

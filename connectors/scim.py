@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -139,7 +139,9 @@ class ScimConnector(Connector):
         """Update by remote id, else adopt by userName then externalId, else create (adopting on 409)."""
         if record.remote_id:
             return self._update(record.remote_id, record, "updated")
-        found = self._find_record(record)
+        # userName is unique at a SCIM service provider (RFC 7643 §4.1): a first attempt creates, and a
+        # 409 says the account exists. Later attempts look first, as an earlier try may have created it.
+        found = None if record.first_attempt else self._find_record(record)
         if found:
             return self._update(found, record, "adopted")
         try:
@@ -155,7 +157,7 @@ class ScimConnector(Connector):
         config = self.provider_config()
         if not config.bulk or len(records) < 2:
             return super().upsert_many(records)
-        found = self._lookup_many([r for r in records if not r.remote_id])
+        found = self._lookup_many([r for r in records if not r.remote_id and not r.first_attempt])
         plans = [self._plan(record, found.get(record.identity_id)) for record in records]
         out: list[Result | Exception | None] = [None] * len(records)
         indexes = list(range(len(records)))
@@ -420,7 +422,7 @@ class ScimConnector(Connector):
             return Result(remote_id, outcome)
         if status in (409, 412) and not (status == 409 and record.remote_id):
             try:  # someone created or changed it meanwhile: the single path finds and adopts it
-                return self.upsert(record)
+                return self.upsert(replace(record, first_attempt=False))
             except SyncError as exc:
                 return exc
         body = answer.get("response")

@@ -354,15 +354,7 @@ def _plan(
     with engine.connect() as conn:
         users = _current_users(conn, user_ids)
         grps = _current_groups(conn, group_ids)
-        members: dict[str, list[str]] = defaultdict(list)
-        if grps and connector.supports_groups:
-            q = (
-                select(group_members.c.group_id, L.remote_id)
-                .join(sync_ledger, and_(L.identity_id == group_members.c.member_id, L.target == cfg.name))
-                .where(group_members.c.group_id.in_(list(grps)), L.remote_id.is_not(None))
-            )
-            for m in conn.execute(q):
-                members[m.group_id].append(m.remote_id)
+        members = _members(conn, cfg.name, list(grps)) if grps and connector.supports_groups else {}
     mapper = _mapper(cfg, connector)
     jobs: list[_Job] = []
     purged: list[str] = []
@@ -376,7 +368,7 @@ def _plan(
                 action = NONE
             else:
                 action = "delete" if grp.deleted_at is not None else UPSERT
-            attrs = {"displayName": grp.display_name, "members": sorted(members[row.identity_id])}
+            attrs = {"displayName": grp.display_name, "members": members.get(row.identity_id, [])}
             record = Record(row.identity_id, grp.version, attrs, remote_id=row.remote_id)
             job = _Job(row, action, grp.version, record, _digest(action, attrs), "Group", group=grp)
         else:
@@ -392,13 +384,72 @@ def _plan(
             # Switched back on after a deactivation (consent regranted, reactivated).
             resume = action == UPSERT and row.synced_action == "deactivate"
             record = Record(
-                row.identity_id, ident.version, attrs, remote_id=row.remote_id, match_key=key, resume=resume
+                row.identity_id,
+                ident.version,
+                attrs,
+                remote_id=row.remote_id,
+                match_key=key,
+                resume=resume,
+                first_attempt=row.remote_id is None and row.synced_version is None and row.attempts == 0,
             )
             job = _Job(row, action, ident.version, record, _digest(action, attrs), "User", erased=deleted)
         if action == NONE or (job.digest == row.payload_digest and action == row.synced_action):
             job.result = Result(row.remote_id, "unchanged")
         jobs.append(job)
     return jobs, purged
+
+
+def _members(conn: Connection, target: str, group_ids: list[str]) -> dict[str, list[str]]:
+    """Per group, the sorted remote ids at ``target`` of the members the target holds (per the ledger)."""
+    q = (
+        select(group_members.c.group_id, L.remote_id)
+        .join(sync_ledger, and_(L.identity_id == group_members.c.member_id, L.target == target))
+        .where(group_members.c.group_id.in_(group_ids), L.remote_id.is_not(None))
+    )
+    members: dict[str, list[str]] = defaultdict(list)
+    for m in conn.execute(q):
+        members[m.group_id].append(m.remote_id)
+    return {g: sorted(ids) for g, ids in members.items()}
+
+
+def _rearm_groups(conn: Connection, target: str, jobs: list[_Job], now: datetime) -> None:
+    """Make groups due again whose member list at ``target`` was built from remote ids that have moved since:
+    the groups of users whose remote id this delivery changed (a group pushed before its member was created
+    there lacks that member), and groups this delivery pushed whose members' ids changed meanwhile."""
+    moved = [
+        j.row.identity_id
+        for j in jobs
+        if j.resource_type == "User" and j.result is not None and _success(j)["v_remote"] != j.row.remote_id
+    ]
+    pushed = {
+        j.row.identity_id: j.record.attributes["members"]
+        for j in jobs
+        if j.resource_type == "Group" and j.action == UPSERT and j.result is not None
+    }
+    current = _members(conn, target, list(pushed)) if pushed else {}
+    stale = {g for g, ids in pushed.items() if current.get(g, []) != ids}
+    if moved:
+        stale.update(
+            conn.scalars(select(group_members.c.group_id).where(group_members.c.member_id.in_(moved)))
+        )
+    if stale:
+        retrying = Status.RETRYING.value
+        conn.execute(
+            update(sync_ledger)
+            .where(
+                L.target == target,
+                L.resource_type == "Group",
+                L.identity_id.in_(sorted(stale)),
+                L.status != Status.DEAD.value,
+            )
+            # Not synced any more: due at once (a row in back-off keeps it), picked up by the next sweep.
+            .values(
+                synced_version=None,
+                status=case((L.status == retrying, L.status), else_=Status.PENDING.value),
+                enqueued_at=None,
+                updated_at=now,
+            )
+        )
 
 
 def _digest(action: str, attrs: Mapping[str, Any]) -> str:
@@ -608,6 +659,8 @@ def _record(
                     L.target == cfg.name, L.identity_id.in_(purged), L.lease_owner == owner
                 )
             )
+        if cfg.groups:
+            _rearm_groups(conn, cfg.name, jobs, now)
         _account(conn, cfg, successes, retryable, now)
         if disabled:
             _state(conn, cfg.name, now, disabled=True)

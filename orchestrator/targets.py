@@ -199,7 +199,9 @@ class TargetConfig(_Strict):
     on_delete: Annotated[DeprovisionPolicy, _policy(_ON_DELETE)] = DeprovisionPolicy.DELETE
     on_leave_scope: Annotated[DeprovisionPolicy, _policy(_ON_DEACTIVATE)] = DeprovisionPolicy.DEACTIVATE
     rate_limit: Annotated[Rate | None, BeforeValidator(_check_rate)] = None
-    concurrency: int = Field(default=4, ge=1, le=1000)
+    # One delivery at a time by default, so a slow target never holds more than one worker process and the
+    # other targets keep theirs (invariant 4); raise it with workers dedicated to the target's queue.
+    concurrency: int = Field(default=1, ge=1, le=1000)
     batch_size: int = Field(default=100, ge=1, le=10_000)
     timeout: Duration = 10.0
     retry: RetryPolicy = Field(default_factory=RetryPolicy)

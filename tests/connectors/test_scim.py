@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -589,3 +590,15 @@ def test_bulk_splits_oversized_payloads_and_falls_back_to_single_lookups() -> No
     assert isinstance(out[3], PermanentError)
     assert out[3].code == "too_large"
     assert sum(bulk_sizes) == 3  # the oversized record never left; the others went in smaller requests
+
+
+def test_a_first_attempt_creates_without_a_lookup_and_adopts_on_conflict(
+    scim: ScimConnector, admin: httpx.Client
+) -> None:
+    rec = replace(record(), first_attempt=True)
+    created = scim.upsert(rec)
+    assert created.outcome == "created"
+    # The same first attempt again (a crash lost the ledger write): the target's 409, then adoption.
+    again = scim.upsert(rec)
+    assert (again.outcome, again.remote_id) == ("adopted", created.remote_id)
+    assert [u["id"] for u in users(admin)] == [created.remote_id]

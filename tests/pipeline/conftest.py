@@ -190,7 +190,8 @@ class Workers:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, queues: str, *, beat: bool = False) -> subprocess.Popen[bytes]:
+    def start(self, queues: str, *, beat: bool = False, processes: int = 0) -> subprocess.Popen[bytes]:
+        """A worker on ``queues``: the solo pool, or a prefork pool of ``processes`` children."""
         name = f"w{len(self.procs)}-{uuid.uuid4().hex[:6]}@localhost"
         cmd = [
             sys.executable,
@@ -199,8 +200,7 @@ class Workers:
             "-A",
             "workers",
             "worker",
-            "-P",
-            "solo",
+            *(["-P", "prefork", "-c", str(processes)] if processes else ["-P", "solo"]),
             "-Q",
             queues,
             "-n",

@@ -115,3 +115,16 @@ def test_slow_target_does_not_delay_another(clean: Engine, pool: Workers, relay:
     wait_for(lambda: all(_synced(other, i, 1) for i in ids), timeout=15, what="fast target done")
     done_on_slow = sum(1 for i in ids if rec.by_hub_id(i) is not None)
     assert done_on_slow < len(ids)  # the slow one still lags while the fast one is complete
+
+
+def test_slow_target_does_not_delay_another_on_a_shared_worker(
+    clean: Engine, pool: Workers, relay: None, rec, other
+) -> None:
+    # One worker with two processes for every queue, as `idhub worker` runs by default: the slow target's
+    # concurrency (1 by default) leaves the other process to the rest.
+    rec.faults.delay = 1.0
+    pool.start("fanout,admin,target.rec,target.other", beat=True, processes=2)
+    ids = [put_user(clean) for _ in range(30)]
+    wait_for(lambda: all(_synced(other, i, 1) for i in ids), timeout=20, what="fast target done")
+    done_on_slow = sum(1 for i in ids if rec.by_hub_id(i) is not None)
+    assert done_on_slow < len(ids)
