@@ -365,7 +365,7 @@ def test_no_scope_means_everyone(targets: dict[str, TargetConfig]) -> None:
 
 def test_a_user_without_active_counts_as_active_in_scopes() -> None:
     cfg = parse_targets(
-        "targets:\n  - {name: app, connector: scim, url: 'http://127.0.0.1:1/scim/v2', scope: 'active eq true'}\n",
+        "targets:\n  - {name: app, connector: scim, url: 'http://127.0.0.1:1/v2', scope: 'active eq true'}\n",
         check_env=False,
     )[0]
     assert in_scope(cfg, {"userName": "x"})
