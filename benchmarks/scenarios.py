@@ -109,7 +109,10 @@ def drain(work: Path) -> dict[str, Any]:
 async def _offer(base: str, token: str, rate: float, seconds: float, run: str) -> list[dict[str, Any]]:
     """POST new customers at a fixed rate (open loop: a slow answer never delays the next request)."""
     headers = {"Authorization": f"Bearer {token}", "Content-Type": SCIM}
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    inflight = env_int("BENCH_LATENCY_INFLIGHT", 64)
+    limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
+    # Requests beyond ``inflight`` wait here, not in httpx's pool (whose queue is slow when thousands wait).
+    gate = asyncio.Semaphore(inflight)
     sent: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=f"{base}/scim/v2", headers=headers, limits=limits, timeout=60) as c:
 
@@ -117,7 +120,8 @@ async def _offer(base: str, token: str, rate: float, seconds: float, run: str) -
             body = customer(i, run, prefix="l")
             entry: dict[str, Any] = {"email": body["userName"].lower(), "sent": time.time()}
             try:
-                r = await c.post("/Users", json=body)
+                async with gate:
+                    r = await c.post("/Users", json=body)
                 entry["status"] = r.status_code
                 entry["id"] = r.json().get("id") if r.status_code == 201 else None
             except httpx.HTTPError as exc:

@@ -142,6 +142,8 @@ def _sqlite_begin(conn: Connection) -> None:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for a store URL, tuned per dialect."""
+    # SQL errors would otherwise carry the statement's values (personal data) into logs and reports.
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)

@@ -12,7 +12,7 @@ Where each process exposes them:
   directory of its own (prometheus-client's multiprocess mode; wiped at worker start): the children write
   their samples there and the worker's main process serves them merged. ``-P solo`` or threads need no
   directory. An API run with several server processes (``idhub serve --workers N``) sets it likewise and
-  ``/metrics`` merges its processes.
+  ``/metrics`` merges its processes (empty that directory before the server starts).
 
 Labels are target names, outcomes, statuses, task names, HTTP methods and route templates: never identity
 ids or personal data, so cardinality stays bounded and PII stays home.

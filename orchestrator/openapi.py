@@ -64,6 +64,10 @@ def _text(max_length: int | None = None, **extra: Any) -> Schema:
     return schema
 
 
+def _strings(max_length: int, *keys: str) -> Schema:
+    return {key: _text(max_length) for key in keys}
+
+
 def _multi(value: Schema, types: tuple[str, ...] | None) -> Schema:
     """A multi-valued complex attribute: value, display, type, primary."""
     item: Schema = {"value": value, "display": _text(), "primary": {"type": "boolean"}}
@@ -86,17 +90,15 @@ def _schemas_list(core: str, extensions: tuple[str, ...] = ()) -> Schema:
 
 def _user_request(max_string: int) -> Schema:
     name = _obj(
-        {
-            key: _text(max_string)
-            for key in (
-                "formatted",
-                "familyName",
-                "givenName",
-                "middleName",
-                "honorificPrefix",
-                "honorificSuffix",
-            )
-        }
+        _strings(
+            max_string,
+            "formatted",
+            "familyName",
+            "givenName",
+            "middleName",
+            "honorificPrefix",
+            "honorificSuffix",
+        )
     )
     consent = _obj(
         {
@@ -128,10 +130,7 @@ def _user_request(max_string: int) -> Schema:
     )
     enterprise = _obj(
         {
-            **{
-                key: _text(max_string)
-                for key in ("employeeNumber", "costCenter", "organization", "division", "department")
-            },
+            **_strings(max_string, "employeeNumber", "costCenter", "organization", "division", "department"),
             "manager": _obj({"value": _text(max_string)}),
         }
     )
@@ -141,18 +140,16 @@ def _user_request(max_string: int) -> Schema:
         "externalId": _text(SHORT),
         "userName": _text(SHORT, minLength=1),
         "name": name,
-        **{
-            key: _text(max_string)
-            for key in (
-                "displayName",
-                "nickName",
-                "title",
-                "userType",
-                "preferredLanguage",
-                "locale",
-                "timezone",
-            )
-        },
+        **_strings(
+            max_string,
+            "displayName",
+            "nickName",
+            "title",
+            "userType",
+            "preferredLanguage",
+            "locale",
+            "timezone",
+        ),
         "active": {"type": "boolean"},
         "password": _text(max_string),  # write-only: never returned
         "emails": _multi(_text(320, format="email"), ("work", "home", "other")),
@@ -161,17 +158,15 @@ def _user_request(max_string: int) -> Schema:
             "type": "array",
             "items": _obj(
                 {
-                    **{
-                        key: _text(max_string)
-                        for key in (
-                            "formatted",
-                            "streetAddress",
-                            "locality",
-                            "region",
-                            "postalCode",
-                            "country",
-                        )
-                    },
+                    **_strings(
+                        max_string,
+                        "formatted",
+                        "streetAddress",
+                        "locality",
+                        "region",
+                        "postalCode",
+                        "country",
+                    ),
                     "type": {"type": "string", "enum": ["work", "home", "other"]},
                     "primary": {"type": "boolean"},
                 }
@@ -226,7 +221,7 @@ def _components(settings: Settings) -> Schema:
         {
             # RFC 7644 §3.5.2: op values are case-insensitive; these are the spellings clients send.
             "op": {"type": "string", "enum": ["add", "remove", "replace", "Add", "Remove", "Replace"]},
-            "path": _text(settings.max_filter_length),
+            "path": _text(),
             "value": {},
         },
         ("op",),
@@ -280,7 +275,7 @@ def _components(settings: Settings) -> Schema:
                     "schemas": {"type": "array", "items": {"const": SEARCH}, "minItems": 1},
                     "attributes": {"type": "array", "items": _text()},
                     "excludedAttributes": {"type": "array", "items": _text()},
-                    "filter": _text(settings.max_filter_length),
+                    "filter": _text(),
                     "sortBy": _text(),
                     "sortOrder": {"type": "string", "enum": ["ascending", "descending"]},
                     "startIndex": {"type": "integer"},
@@ -346,7 +341,7 @@ def _components(settings: Settings) -> Schema:
             "excludedAttributes": _query(
                 "excludedAttributes", "Comma-separated attribute paths to leave out."
             ),
-            "filter": _query("filter", "A SCIM filter (RFC 7644 §3.4.2.2).", settings.max_filter_length),
+            "filter": _query("filter", "A SCIM filter (RFC 7644 §3.4.2.2), at most 50 comparisons."),
             "sortBy": _query("sortBy", "The attribute to sort on."),
             "sortOrder": {
                 "name": "sortOrder",
@@ -463,8 +458,8 @@ _EXAMPLES: Final[dict[str, dict[str, Any]]] = {
 }
 
 
-def _query(name: str, description: str, max_length: int | None = None) -> Schema:
-    return {"name": name, "in": "query", "description": description, "schema": _text(max_length)}
+def _query(name: str, description: str) -> Schema:
+    return {"name": name, "in": "query", "description": description, "schema": _text()}
 
 
 def _param(name: str) -> Schema:
@@ -495,7 +490,8 @@ def _ok(schema: str, description: str, *, etag: bool = False, location: bool = F
 
 
 def _resource_paths(endpoint: str, request: str, label: str) -> dict[str, Schema]:
-    """The five operations of a resource type, and its ``.search``."""
+    """The five operations of a resource type, and its ``.search``. Reads never answer 403: every token
+    holds a scope, and every scope reads."""
     selection = [_param("attributes"), _param("excludedAttributes")]
     listing = [
         _param("filter"),
@@ -513,7 +509,7 @@ def _resource_paths(endpoint: str, request: str, label: str) -> dict[str, Schema
                 "summary": f"List or filter {label}s.",
                 "tags": tag,
                 "parameters": listing,
-                "responses": {"200": _ok("ListResponse", "A page."), **_errors(400, 401, 403)},
+                "responses": {"200": _ok("ListResponse", "A page."), **_errors(400, 401)},
             },
             "post": {
                 "operationId": f"create{label}",
@@ -533,7 +529,7 @@ def _resource_paths(endpoint: str, request: str, label: str) -> dict[str, Schema
                 "summary": f"Search {label}s with the query in the body (RFC 7644 §3.4.3).",
                 "tags": tag,
                 "requestBody": _body("SearchRequest"),
-                "responses": {"200": _ok("ListResponse", "A page."), **_errors(400, 401, 403, 413, 415)},
+                "responses": {"200": _ok("ListResponse", "A page."), **_errors(400, 401, 413, 415)},
             }
         },
         f"/scim/v2/{endpoint}/{{id}}": {
@@ -545,7 +541,7 @@ def _resource_paths(endpoint: str, request: str, label: str) -> dict[str, Schema
                 "responses": {
                     "200": _ok("Resource", f"The {label}.", etag=True),
                     "304": {"description": "Not modified since the ETag in If-None-Match."},
-                    **_errors(400, 401, 403, 404),
+                    **_errors(400, 401, 404),
                 },
             },
             "put": {
@@ -622,7 +618,7 @@ def document(settings: Settings) -> dict[str, Any]:
     bulk = {
         "post": {
             "operationId": "bulk",
-            "summary": "Up to the configured number of operations, each in its own savepoint (RFC 7644 §3.7).",
+            "summary": "Up to the configured number of operations, each in a savepoint (RFC 7644 §3.7).",
             "tags": ["Bulk"],
             "requestBody": _body("BulkRequest"),
             "responses": {
@@ -636,7 +632,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "info": {
             "title": "idhub",
             "version": "2.0",
-            "description": "The customer-identity hub: SCIM 2.0 (RFC 7643, RFC 7644) and health checks.",
+            "description": "The customer-identity hub: SCIM 2.0 (RFC 7643, RFC 7644), health and metrics.",
         },
         "security": [{"bearer": []}],
         "paths": {
@@ -645,6 +641,16 @@ def document(settings: Settings) -> dict[str, Any]:
                 "readyz",
                 "The database answers.",
                 {"200": _status("ready"), "503": _status("database unreachable")},
+            ),
+            "/metrics": _plain(
+                "metrics",
+                "Prometheus metrics: aggregate counts by target and route, no personal data.",
+                {
+                    "200": {
+                        "description": "Prometheus text, or OpenMetrics when the Accept header asks for it.",
+                        "content": {"text/plain": {}, "application/openmetrics-text": {}},
+                    }
+                },
             ),
             "/openapi.json": _plain(
                 "openapi",

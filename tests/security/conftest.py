@@ -4,8 +4,10 @@ fingerprint that tells whether a request changed anything."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -47,7 +49,9 @@ def pg_hub() -> Iterator[PgHub]:
     app, engine = make_hub(url)
     yield PgHub(app, engine, url)
     engine.dispose()
-    db._engines.pop(url, None)
+    cached = db._engines.pop(url, None)  # the CLI opens its own engine on the URL
+    if cached is not None:
+        cached.dispose()
     drop_pg_database(url)
 
 
@@ -104,3 +108,65 @@ def fingerprint(engine: Engine) -> tuple[Any, ...]:
     query = select(*(select(c).scalar_subquery() for c in columns))
     with engine.connect() as conn:
         return tuple(conn.execute(query).one())
+
+
+@dataclass
+class Received:
+    method: str
+    host: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Recorder:
+    """A loopback HTTP server that keeps every request it gets (raw) and answers ``status`` with ``{}``
+    and ``headers``."""
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.status = 200
+        self.headers: dict[str, str] = {}
+        self.lock = threading.Lock()
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with recorder.lock:
+                    recorder.requests.append(
+                        Received(
+                            self.command, self.headers.get("Host", ""), self.path, dict(self.headers), body
+                        )
+                    )
+                self.send_response(recorder.status)
+                for name, value in recorder.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{self.host}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    server = Recorder()
+    yield server
+    server.close()

@@ -4,9 +4,10 @@ every error a SCIM error, and a rejected request must write nothing (no row, no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from tests.security.conftest import PgHub, fingerprint, scim_error_problems
 
 EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 30}
 MIN_REQUESTS = 1000
-OPEN = frozenset({"/healthz", "/readyz", "/openapi.json", "/scim/v2/ServiceProviderConfig"})
+OPEN = frozenset({"/healthz", "/readyz", "/openapi.json", "/metrics", "/scim/v2/ServiceProviderConfig"})
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -43,6 +44,22 @@ CHECKS = [
     response_schema_conformance,
     response_headers_conformance,
 ]
+
+
+def _sent(case: Case) -> str:
+    return json.dumps([case.path_parameters, case.query, case.body], default=str)
+
+
+# Failures whose cause is known and pinned by a strict-xfail test in test_bad_input.py: the campaign
+# reports them and xfails instead of failing. Remove an entry when its pinned test starts passing.
+KNOWN_BUGS: dict[str, Callable[[Case, int], bool]] = {
+    "a NUL byte reaches PostgreSQL (500)": lambda case, status: status >= 500 and "\\u0000" in _sent(case),
+    "a newline in the path misses the SCIM route (FastAPI 404)": (
+        lambda case, status: (
+            status == 404 and any(c in str(v) for v in (case.path_parameters or {}).values() for c in "\n\r")
+        )
+    ),
+}
 
 
 @dataclass
@@ -55,6 +72,7 @@ class Campaign:
     requests: int = 0
     statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
     failures: dict[str, str] = field(default_factory=dict)
+    known: Counter[str] = field(default_factory=Counter)
 
     def send(self, case: Case) -> None:
         auth = f"Bearer {self.token}"
@@ -81,6 +99,10 @@ class Campaign:
             problems.append("401 with a valid token")
         if status < 400 and not sent_token and case.operation.path not in OPEN:
             problems.append("served without a valid token")
+        known = next((bug for bug, hit in KNOWN_BUGS.items() if hit(case, status)), None)
+        if problems and known is not None:
+            self.known[known] += 1
+            return
         for problem in problems:
             self.failures.setdefault(f"{label} -> {status}: {problem}", _describe(case))
 
@@ -92,7 +114,8 @@ def _headers_tampered(case: Case) -> bool:
 
 
 def _describe(case: Case) -> str:
-    body = json.dumps(case.body, default=str)[:300] if case.body is not None else ""
+    sent = isinstance(case.body, dict | list | str | int | float | bool)
+    body = json.dumps(case.body, default=str)[:300] if sent else ""
     return f"{case.method} {case.formatted_path} query={case.query} headers={case.headers} body={body}"
 
 
@@ -126,8 +149,17 @@ def campaign(pg_hub: PgHub) -> Iterator[tuple[Campaign, Any, dict[str, list[str]
     with live_server(pg_hub.app) as base:
         users, groups = _seed(base, token)
         schema = schemathesis.openapi.from_url(base + "/openapi.json")
-        schemas = [s["id"] for s in httpx.get(base + "/scim/v2/Schemas", headers={"Authorization": f"Bearer {token}"}).json()["Resources"]]
-        yield Campaign(base, token, pg_hub.engine), schema, {"Users": users, "Groups": groups, "Schemas": schemas}
+        schemas = [
+            s["id"]
+            for s in httpx.get(
+                base + "/scim/v2/Schemas", headers={"Authorization": f"Bearer {token}"}
+            ).json()["Resources"]
+        ]
+        yield (
+            Campaign(base, token, pg_hub.engine),
+            schema,
+            {"Users": users, "Groups": groups, "Schemas": schemas},
+        )
 
 
 def _ids(operation: Any, pools: dict[str, list[str]]) -> list[dict[str, str] | None]:
@@ -166,10 +198,9 @@ def _drive(campaign: Campaign, strategy: Any, count: int) -> None:
     def run(case: Case) -> None:
         campaign.send(case)
 
-    try:
+    # Unsatisfiable: nothing to make invalid (no parameters, no body); the positive run covered it.
+    with contextlib.suppress(Unsatisfiable):
         run()
-    except Unsatisfiable:
-        pass  # nothing to make invalid (no parameters, no body): the positive run covered it
 
 
 def test_generated_requests_get_documented_answers_and_rejected_ones_write_nothing(
@@ -192,3 +223,6 @@ def test_generated_requests_get_documented_answers_and_rejected_ones_write_nothi
     # Both sides were reached: some generated writes were accepted, many were refused.
     assert any(s == 201 for (_, s) in run.statuses)
     assert sum(n for (_, s), n in run.statuses.items() if s == 400) > 100
+    if run.known:
+        hits = "; ".join(f"{bug} x{n}" for bug, n in run.known.items())
+        pytest.xfail(f"{run.requests} requests, no unknown failure; known hub bugs hit: {hits}")
