@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import reduce
 from http import HTTPStatus
 from operator import or_
@@ -27,6 +27,8 @@ from scim2_models import (
     Filter,
     ForbiddenException,
     Group,
+    InvalidFilterException,
+    NotFoundException,
     Patch,
     PayloadTooLargeException,
     Resource,
@@ -48,6 +50,7 @@ from scim2_server.routing import Operation, Target
 from scim2_server.service import ScimService
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import logs, metrics, migrations, openapi
 from orchestrator.auth import Principal, TokenVerifier
@@ -114,7 +117,33 @@ def build_provider(settings: Settings, extra: Iterable[type[Extension]] = ()) ->
 
 
 class HubService(ScimService):
-    """scim2-server's protocol with the hub's choices: scopes, and PATCH answering 200 with the resource."""
+    """scim2-server's protocol with the hub's choices: scopes, bounded filters, PATCH answering 200."""
+
+    def __init__(self, provider: ScimProvider, *, max_filter_length: int) -> None:
+        super().__init__(provider)
+        self.max_filter_length = max_filter_length
+
+    def _bound(self, text: Any, what: str) -> None:
+        # Checked on the raw text, before anything parses it: parsing is what a huge filter makes slow.
+        if isinstance(text, str) and len(text) > self.max_filter_length:
+            raise InvalidFilterException(
+                detail=f"the {what} is longer than {self.max_filter_length} characters"
+            )
+
+    def read_search(self, resource_types: list[ResourceType], payload: Any) -> Any:
+        if isinstance(payload, Mapping):
+            self._bound(payload.get("filter"), "filter")
+        return super().read_search(resource_types, payload)
+
+    def read_patch(self, resource_type: ResourceType, body: bytes, content_type: str | None) -> Any:
+        try:
+            operations = json.loads(body).get("Operations")
+        except (ValueError, AttributeError):
+            operations = None  # scim2-server answers the malformed body itself
+        for operation in operations if isinstance(operations, list) else ():
+            if isinstance(operation, Mapping):
+                self._bound(operation.get("path"), "PATCH path")
+        return super().read_patch(resource_type, body, content_type)
 
     def authorize(self, request: ScimRequest, target: Target, resource_type: ResourceType) -> None:
         principal: Principal | None = request.subject
@@ -143,7 +172,7 @@ class Hub:
         self.settings = settings
         self.engine = engine or engine_for(settings.database_url)
         self.provider = build_provider(settings, load_extension_schemas(settings.schema_dir))
-        self.service = HubService(self.provider)
+        self.service = HubService(self.provider, max_filter_length=settings.max_filter_length)
         self.storage = scim_storage.SqlStorage(self.provider, max_string_length=settings.max_string_length)
         self.handler = ScimHandler(self.service, self.storage)
         self.tokens = TokenVerifier(self.engine)
@@ -186,6 +215,13 @@ def create_app(settings: Settings, engine: Engine | None = None, *, migrate: boo
     hub = Hub(settings, engine)
     app = FastAPI(title="idhub", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # A path the SCIM route cannot take (a newline in it) still gets a SCIM error, not FastAPI's.
+        if request.url.path.startswith(SCIM_PREFIX) and exc.status_code == HTTPStatus.NOT_FOUND:
+            return _to_response(hub.service.error_response(NotFoundException(detail="no such endpoint")))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
     # -- telemetry: request id, access log and HTTP metrics per request; the Prometheus scrape ------------
     app.add_middleware(metrics.RequestTelemetry)

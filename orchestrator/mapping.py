@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from inspect import isclass
 from typing import Any, Final
 
@@ -185,11 +185,14 @@ def _case_exact(path_text: str) -> bool:
     return bool(binding is not None and binding.case_exact)
 
 
-def _operand_getter(attr_path: AttrPath, outer: AttrPath | None) -> tuple[Callable[[Any], Any], bool]:
-    """A getter of the compared value(s), and whether the attribute compares case-exactly.
+def _operand_getter(
+    attr_path: AttrPath, outer: AttrPath | None, *, present: bool = False
+) -> tuple[Callable[[Any], Any], bool, bool]:
+    """A getter of the compared value(s), whether it compares case-exactly, and whether it is a dateTime.
 
     At the top (``outer`` None) it reads a document; inside ``outer[...]`` it reads one value of ``outer``.
-    A comparison against a multi-valued complex attribute compares its ``value`` (RFC 7644 §3.4.2.2).
+    A comparison against a multi-valued complex attribute compares its ``value`` (RFC 7644 §3.4.2.2);
+    ``pr`` asks about the attribute itself.
     """
     names = [n for n in (attr_path.attr, attr_path.sub_attr) if n is not None]
     if outer is None:
@@ -204,11 +207,27 @@ def _operand_getter(attr_path: AttrPath, outer: AttrPath | None) -> tuple[Callab
     complex_values = (
         binding is not None and isclass(binding.field_type) and issubclass(binding.field_type, BaseModel)
     )
-    if binding is not None and binding.is_multivalued and binding.sub_field_name is None and complex_values:
+    multi_complex = binding is not None and binding.is_multivalued and binding.sub_field_name is None
+    if multi_complex and complex_values and not present:
         names.append("value")
         full += ".value"
+        binding = None
+        with contextlib.suppress(Exception):
+            binding = Path[HubUser](full).resolve()
     walk = _steps_getter([(n, n.lower()) for n in names])
-    return (lambda obj: walk(container(obj))), _case_exact(full)
+    is_datetime = binding is not None and getattr(binding, "target_type", None) is datetime
+    return (lambda obj: walk(container(obj))), _case_exact(full), is_datetime
+
+
+def _instant(value: Any) -> Any:
+    """A dateTime string as an aware instant, so offsets compare right; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return value
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _identity(obj: Any) -> Any:
@@ -222,24 +241,26 @@ def compile_filter(node: FilterNode, outer: AttrPath | None = None) -> Callable[
     case-insensitive unless the attribute is caseExact; a multi-valued attribute matches when any value does.
     """
     if isinstance(node, Comparison):
-        get, exact = _operand_getter(node.attr_path, outer)
-        compare = _OPS[node.op]
-        norm = _identity if exact else _lowered
+        get, exact, is_datetime = _operand_getter(node.attr_path, outer)
+        norm = _instant if is_datetime else _identity if exact else _lowered
         expected = norm(node.value)
         if node.value is None:  # ``x eq null`` asks for absence (RFC 7644 §3.4.2.2)
             wanted = node.op is CompareOperator.eq
             return lambda obj: (get(obj) is MISSING) == wanted
+        # On a multi-valued attribute ``ne`` means that no value equals (as SQL and scim2-models read it).
+        negate = node.op is CompareOperator.ne
+        compare = _OPS[CompareOperator.eq if negate else node.op]
 
         def comparison(obj: Any) -> bool:
             value = get(obj)
             if value is MISSING:
-                return node.op is CompareOperator.ne
+                return negate
             values = value if isinstance(value, list) else (value,)
-            return any(compare(norm(v), expected) for v in values)
+            return any(compare(norm(v), expected) for v in values) != negate
 
         return comparison
     if isinstance(node, Present):
-        get, _ = _operand_getter(node.attr_path, outer)
+        get, _, _ = _operand_getter(node.attr_path, outer, present=True)
         return lambda obj: get(obj) not in (MISSING, "", [])
     if isinstance(node, Not):
         inner = compile_filter(node.expr, outer)

@@ -26,7 +26,9 @@ from orchestrator.mapping import MappingError, compile_filter, compile_mapping, 
 
 BUILTIN_CONNECTORS: Final = ("scim", "shop", "newsletter", "crm", "webhook")
 _NAME_RE: Final = re.compile(r"[a-z0-9_-]+")
-_ENV_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Upper case only, as environment variables are named: a pasted secret (sk_live_..., whsec_...) is refused
+# without being echoed.
+_ENV_RE: Final = re.compile(r"[A-Z_][A-Z0-9_]*")
 _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(ms|s|sec|m|min|h|d)")
@@ -235,7 +237,7 @@ class TargetConfig(_Strict):
     @classmethod
     def _token_env(cls, value: str | None) -> str | None:
         if value is not None and not _ENV_RE.fullmatch(value):
-            raise ValueError("must be the NAME of an environment variable, not a secret")
+            raise ValueError("must be the NAME of an environment variable (upper case), not a secret")
         return value
 
     @field_validator("mapping")

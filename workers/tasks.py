@@ -9,7 +9,7 @@ from typing import Any, TypeVar, cast
 from orchestrator import relay, sync
 from orchestrator.db import now
 from workers.app import app
-from workers.base import IdhubTask
+from workers.base import IdhubTask, log
 from workers.limits import ConcurrencySlots, RateLimiter
 
 # A delivery held back by a rate limit or a busy concurrency slot comes back after at most this long.
@@ -29,9 +29,14 @@ def fanout(self: IdhubTask, seqs: list[int]) -> None:
 
 @_task("idhub.deliver")
 def deliver(self: IdhubTask, target: str, identity_ids: list[str]) -> None:
+    if not isinstance(identity_ids, list) or not all(isinstance(i, str) for i in identity_ids):
+        log.error("task dropped: identity_ids must be a list of ids", task="idhub.deliver")
+        return
     cfg = self.targets().get(target)
     if cfg is None:
-        return  # a target removed from the configuration: its rows wait for an operator
+        # A target removed from the configuration: its rows wait in the ledger for an operator.
+        log.warning("task dropped: unknown target", task="idhub.deliver", target=str(target)[:64])
+        return
     ids = identity_ids
     lease = self.tuning.lease_seconds
     # The embedded broker has no Redis: there, rate limits and slots are not enforced (the demo only).
@@ -61,7 +66,10 @@ def deliver(self: IdhubTask, target: str, identity_ids: list[str]) -> None:
 @_task("idhub.probe")
 def probe(self: IdhubTask, target: str) -> None:
     cfg = self.targets().get(target)
-    if cfg is not None and (due := sync.probe(self.engine, cfg, self.connector(target))):
+    if cfg is None:
+        log.warning("task dropped: unknown target", task="idhub.probe", target=str(target)[:64])
+        return
+    if due := sync.probe(self.engine, cfg, self.connector(target)):
         self.enqueue_deliveries({target: due})
 
 

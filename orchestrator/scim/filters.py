@@ -203,7 +203,12 @@ def _operand(binding: AttributeBinding, kind: _Kind, op: CompareOperator, value:
     if kind is _Kind.DATETIME:
         assert isinstance(coerced, datetime)
         # A dateTime without an offset is read as UTC.
-        return coerced.replace(tzinfo=coerced.tzinfo or UTC).astimezone(UTC)
+        try:
+            return coerced.replace(tzinfo=coerced.tzinfo or UTC).astimezone(UTC)
+        except OverflowError:
+            raise _invalid(f"the dateTime compared to '{binding.urn}' is out of range") from None
+    if isinstance(coerced, int) and not isinstance(coerced, bool) and not -(2**63) <= coerced < 2**63:
+        raise _invalid(f"the integer compared to '{binding.urn}' is out of range")
     return coerced
 
 
@@ -425,6 +430,22 @@ class _RowScope(_Scope):
         keys = self._keys(binding)
         kind = _kind_of(binding.target_type)
         sub_keys = _sub_keys(binding)
+        if not binding.is_multivalued and binding.sub_field_name and binding.target_is_multivalued:
+            # A list of simple values inside a single complex attribute (marketingPreferences.topics).
+            full = (*keys, *sub_keys)
+            values, value, _, listed = self.sql.elements(self.doc, full)
+
+            def each_value(test: Callable[[Any], Bool]) -> Bool:
+                return exists(select(literal(1)).select_from(values).where(listed, test(value)))
+
+            return _Source(
+                binding,
+                kind,
+                lambda item: self.sql.scalar(item, (), kind),
+                lambda item: _scalar_present(self.sql.scalar(item, (), kind), kind),
+                each_value,
+                self.sql.is_array(self.doc, full),
+            )
         if not binding.is_multivalued:
             full = (*keys, *sub_keys)
             return _Source(

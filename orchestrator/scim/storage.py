@@ -90,6 +90,10 @@ def etag(version: int) -> str:
     return f'W/"{version}"'
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 36 and "\x00" not in value
+
+
 def _version_of(expected: str | None) -> int | None:
     if expected is None:
         return None
@@ -238,6 +242,9 @@ class SqlStorage(ScimStorage):
         return out
 
     def _row(self, conn: Connection, table: Table, resource_id: str) -> Any:
+        if not _is_id(resource_id):
+            # Not an id this store could have issued (a NUL byte would even break PostgreSQL).
+            raise NotFoundException(detail="Resource not found")
         unit = _unit()
         key = (table.name, resource_id)
         if key in unit.rows:
@@ -283,6 +290,8 @@ class SqlStorage(ScimStorage):
         if not wanted:
             return []
         ids = list(wanted)
+        if not all(_is_id(mid) for mid in ids):
+            raise InvalidValueException(detail="a member value is not a resource id")
         users = {
             r[0]
             for r in conn.execute(
@@ -339,7 +348,8 @@ class SqlStorage(ScimStorage):
         if search_request.filter is not None:
             condition = and_(condition, filters.where(search_request.filter, model, table, dialect))
         total = conn.execute(select(func.count()).select_from(table).where(condition)).scalar_one()
-        start = max(search_request.start_index or 1, 1)
+        # Past any real table, and below what an SQL OFFSET holds.
+        start = min(max(search_request.start_index or 1, 1), 2**62)
         count = search_request.count
         query = select(table).where(condition)
         descending = str(getattr(search_request, "sort_order", "") or "").lower().endswith("descending")

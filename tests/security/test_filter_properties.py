@@ -119,8 +119,8 @@ ORDER_OPS = ("eq", "ne", "gt", "ge", "lt", "le")
 # Constructs an evaluator gets wrong today, left out of its property until fixed. Each one has its own
 # regression test below (strict xfail): when that test starts passing, drop the name from the set so the
 # property covers the construct again.
-SQL_GAPS = frozenset({"nested multi-valued strings"})
-SCOPE_GAPS = frozenset({"multi-valued ne", "pr on complex multi-valued", "dateTime order"})
+SQL_GAPS: frozenset[str] = frozenset()
+SCOPE_GAPS: frozenset[str] = frozenset()
 
 
 def _pick(ops: tuple[str, ...], *values: st.SearchStrategy[Any]) -> st.SearchStrategy[tuple[Any, ...]]:
@@ -301,37 +301,23 @@ def test_a_scope_selects_what_the_sql_selects(
         assert in_scope_ == in_sql, (text, sql)
 
 
-# ---- the gaps, one concrete case each (see SQL_GAPS and SCOPE_GAPS)
-
-
-def _gap(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
+# ---- former gaps between the evaluators, one concrete case each: they must stay closed
 
 
 GAPS = [
     pytest.param(
         {C: {"marketingPreferences": {"topics": ["bags", "Shoes"]}}},
         'marketingPreferences.topics eq "bags"',
-        marks=_gap(
-            "nested multi-valued strings: filters.where reads marketingPreferences.topics as one scalar "
-            "(the JSON text of the array), so eq/sw/gt never match and ne always does"
-        ),
         id="sql-topics-eq",
     ),
     pytest.param(
         {"emails": [{"value": "ada@example.org"}, {"value": "bob@example.org"}]},
         'emails.value ne "ada@example.org"',
-        marks=_gap(
-            "multi-valued ne: compile_filter means 'some value differs', SCIM means 'no value equals'"
-        ),
         id="scope-emails-ne",
     ),
     pytest.param(
         {C: {"consents": [{"purpose": "marketing_email", "granted": True}]}},
         "consents pr",
-        marks=_gap(
-            "pr on complex multi-valued: compile_filter looks for consents.value, which consents lack"
-        ),
         id="scope-consents-pr",
     ),
     pytest.param(
@@ -343,14 +329,15 @@ GAPS = [
             }
         },
         'consents[updatedAt gt "2024-01-01T05:00:00Z"]',
-        marks=_gap("dateTime order: compile_filter compares dateTime strings, not instants (offsets differ)"),
         id="scope-consent-date",
     ),
 ]
 
 
 @pytest.mark.parametrize(("attrs", "text"), GAPS)
-def test_known_gap_between_evaluators(store: tuple[Engine, str], attrs: dict[str, Any], text: str) -> None:
+def test_former_gap_between_evaluators_stays_closed(
+    store: tuple[Engine, str], attrs: dict[str, Any], text: str
+) -> None:
     engine, dialect = store
     [(stored, full)] = _store(engine, [user_doc("gap", **attrs)])
     sql = str(parse_user_filter(text))

@@ -52,14 +52,7 @@ def _sent(case: Case) -> str:
 
 # Failures whose cause is known and pinned by a strict-xfail test in test_bad_input.py: the campaign
 # reports them and xfails instead of failing. Remove an entry when its pinned test starts passing.
-KNOWN_BUGS: dict[str, Callable[[Case, int], bool]] = {
-    "a NUL byte reaches PostgreSQL (500)": lambda case, status: status >= 500 and "\\u0000" in _sent(case),
-    "a newline in the path misses the SCIM route (FastAPI 404)": (
-        lambda case, status: (
-            status == 404 and any(c in str(v) for v in (case.path_parameters or {}).values() for c in "\n\r")
-        )
-    ),
-}
+KNOWN_BUGS: dict[str, Callable[[Case, int], bool]] = {}
 
 
 @dataclass
