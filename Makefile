@@ -32,6 +32,7 @@ lint: $(STAMP)
 # Sizes: BENCH_DRAIN_N, BENCH_LATENCY_RATE, BENCH_LATENCY_SECONDS, BENCH_RESYNC_SIZES, BENCH_NAIVE_N, ...
 # (see benchmarks/__main__.py); results in build/bench/results.json.
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks $(if $(SCENARIO),--scenario $(SCENARIO))
 
 bench-hub: $(STAMP)
