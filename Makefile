@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-hub services-check clean
+.PHONY: install demo test lint bench bench-hub chaos services-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 
 bench-hub: $(STAMP)
 	$(BIN)/python -m benchmarks.hub
+
+# Faults while 20,000 changes flow (own PostgreSQL and Redis, four targets, workers SIGKILLed); then every
+# target is compared with the hub. `make chaos CHAOS_CHANGES=2000` for a shorter one; report in build/chaos.
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos $(if $(CHAOS_CHANGES),--changes $(CHAOS_CHANGES)) --report build/chaos/report.json
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache idhub.db

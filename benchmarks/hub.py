@@ -146,9 +146,7 @@ def main() -> int:
             text=True,
         ).stdout.strip()
         workers = str(env_int("BENCH_SERVER_WORKERS", 2))
-        server = subprocess.Popen(
-            [*idhub, "serve", "--port", str(port), "--workers", workers], env=env
-        )
+        server = subprocess.Popen([*idhub, "serve", "--port", str(port), "--workers", workers], env=env)
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=30)
         results = asyncio.run(run(f"http://127.0.0.1:{port}", token))
         engine = create_engine(url)

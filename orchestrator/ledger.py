@@ -1,6 +1,7 @@
 """The sync ledger: per (target, identity) what is desired and what was done, plus dead letters and receipts.
 
-Events are hints, these rows are the truth. Nothing here holds personal data: ids, versions, codes and times.
+Events are hints, these rows are the truth. Nothing here holds personal data (ids, versions, codes and times),
+but for ``inflight_key`` while a push's outcome is unknown.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ sync_ledger = Table(
     Column("last_error_code", String(64)),
     Column("last_error_message", String(512)),
     Column("payload_digest", String(64)),
+    # The matching key (e-mail, userName) of an upsert whose outcome is unknown, as a worker killed mid-call
+    # leaves it: the way back to an account the ledger has no (or an outdated) remote id for, also after the
+    # hub erased its own copy. Cleared once an outcome is recorded or the target refused the record; deleted
+    # with the row when an erasure completes.
+    Column("inflight_key", String(320)),
     Column("priority", Integer, nullable=False, default=0),
     Column("enqueued_at", DateTime(timezone=True)),
     Column("created_at", DateTime(timezone=True), nullable=False),

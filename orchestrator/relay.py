@@ -7,6 +7,7 @@ which consumers tolerate because fan-out is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select as selectmod
 import threading
@@ -97,7 +98,7 @@ def run_forever(
     stop = stop or threading.Event()
     postgres = engine.dialect.name == "postgresql"
     interval = poll_interval if poll_interval is not None else (1.0 if postgres else 0.2)
-    listener = _listen(engine) if postgres else None
+    listener: Connection | None = None
     try:
         while not stop.is_set():
             try:
@@ -107,19 +108,45 @@ def run_forever(
                 log.exception("relay: batch failed")
                 stop.wait(interval)
                 continue
-            if listener is not None:
-                _wait_notify(listener, interval)
+            if postgres:
+                listener = _wait_listening(engine, listener, interval, stop)
             else:
                 stop.wait(interval)
     finally:
-        if listener is not None:
-            listener.close()
+        _discard(listener)
+
+
+def _wait_listening(
+    engine: Engine, listener: Connection | None, timeout: float, stop: threading.Event
+) -> Connection | None:
+    """Wait up to ``timeout`` for a NOTIFY on ``listener`` (made first when None); returns the listener to
+    use next time, or None when it was lost (a database restart): the relay then polls until it is back."""
+    try:
+        if listener is None:
+            listener = _listen(engine)
+        _wait_notify(listener, timeout)
+        return listener
+    except Exception:
+        log.warning("relay: no LISTEN connection; polling until the database is back")
+        _discard(listener)
+        stop.wait(timeout)
+        return None
 
 
 def _listen(engine: Engine) -> Connection:
     conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     conn.execute(text(f"LISTEN {CHANNEL}"))
     return conn
+
+
+def _discard(listener: Connection | None) -> None:
+    """Close a listening connection that may already be dead (invalidated first: no rollback is tried)."""
+    if listener is None:
+        return
+    with contextlib.suppress(Exception):
+        listener.invalidate()
+    with contextlib.suppress(Exception):
+        listener.close()
 
 
 def _wait_notify(conn: Connection, timeout: float) -> None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,6 +58,7 @@ HUB = gdpr.HUB
 # jump a backlog queued ahead of them; bounded because those calls come on top of the rate-limit tokens.
 _URGENT_PER_CALL = 10
 _CHUNK = 500
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- fan-out
@@ -83,9 +87,9 @@ def fanout(
         existing = {
             (r.target, r.identity_id): r
             for r in conn.execute(
-                select(L.target, L.identity_id, L.remote_id, L.synced_action, L.desired_version).where(
-                    L.identity_id.in_(user_ids + group_ids)
-                )
+                select(
+                    L.target, L.identity_id, L.remote_id, L.synced_action, L.inflight_key, L.desired_version
+                ).where(L.identity_id.in_(user_ids + group_ids))
             )
         }
         values: list[dict[str, Any]] = []
@@ -192,8 +196,13 @@ def _current_groups(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
 
 
 def _provisioned(row: Any) -> bool:
-    """The target may hold an account for this row (so leaving scope must deprovision it)."""
-    return row.remote_id is not None or row.synced_action in (UPSERT, "deactivate", "anonymize")
+    """The target may hold an account for this row (so leaving scope must deprovision it): one is recorded,
+    or a create was sent whose outcome was never recorded (``inflight_key``)."""
+    return (
+        row.remote_id is not None
+        or row.synced_action in (UPSERT, "deactivate", "anonymize")
+        or row.inflight_key is not None
+    )
 
 
 def _touches(changed: Iterable[str], paths: Iterable[str]) -> bool:
@@ -274,7 +283,8 @@ def deliver(
 ) -> DeliveryReport:
     """Push the current state of the due rows among ``identity_ids`` to one target and record the outcomes.
 
-    ``owner`` must be unique per attempt; ``lease`` must outlast the slowest connector call of a batch.
+    ``owner`` must be unique per attempt; ``lease`` is renewed while the calls run, so it only says how long
+    the rows of a worker that died stay taken.
     """
     report = DeliveryReport(cfg.name)
     for chunk in _urgent_first(engine, cfg, list(dict.fromkeys(identity_ids)), now or utcnow()):
@@ -341,8 +351,89 @@ def _deliver_chunk(
     if held := hold_mass_deprovisions(engine, cfg.name, pending, now, owner):
         report.held.extend(sorted(held))
         jobs = [j for j in jobs if j.row.identity_id not in held]
-    disabled = _call(cfg, connector, [j for j in jobs if j.result is None and j.error is None], report)
+    with _renewing(engine, cfg.name, sorted(taken), owner, lease):
+        _find_lost_creates(connector, jobs, report)
+        _note_attempts(engine, cfg.name, jobs, owner)
+        disabled = _call(cfg, connector, [j for j in jobs if j.result is None and j.error is None], report)
     _record(engine, cfg, jobs, purged, now, owner, report, disabled)
+
+
+@contextmanager
+def _renewing(engine: Engine, target: str, ids: list[str], owner: str, lease: timedelta) -> Iterator[None]:
+    """Renew our lease on these rows every third of its length while the calls run: a slow batch keeps its
+    rows (no second worker pushes them meanwhile), and only a dead worker's lease runs out."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease.total_seconds() / 3):
+            try:
+                with engine.begin() as conn:
+                    conn.execute(
+                        update(sync_ledger)
+                        .where(L.target == target, L.identity_id.in_(ids), L.lease_owner == owner)
+                        .values(lease_until=utcnow() + lease)
+                    )
+            except Exception:  # the store is away a moment: the next beat tries again
+                log.warning("lease renewal failed for %s", target, exc_info=True)
+
+    thread = threading.Thread(target=renew, name="idhub-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _note_attempts(engine: Engine, target: str, jobs: list[_Job], owner: str) -> None:
+    """Before the calls, write under our lease what a worker killed before recording their outcomes leaves
+    behind: the digest of the last recorded push no longer tells what the target holds (cleared, so a change
+    undone meanwhile is still pushed); an upsert's matching key is the one the account is found by if the push
+    landed (``inflight_key``: a create the ledger has no remote id for, an address changed where the target
+    keys accounts by it); and a remote id ``_find_lost_creates`` found is a fact worth keeping."""
+    params = [
+        {
+            "k_id": j.row.identity_id,
+            "k_key": j.record.match_key if _upserts_user(j) and j.record.match_key else j.row.inflight_key,
+            "k_remote": j.record.remote_id or j.row.remote_id,
+        }
+        for j in jobs
+        if j.result is None and j.error is None
+    ]
+    if params:
+        with engine.begin() as conn:
+            conn.execute(
+                update(sync_ledger)
+                .where(L.target == target, L.identity_id == bindparam("k_id"), L.lease_owner == owner)
+                .values(
+                    payload_digest=None, inflight_key=bindparam("k_key"), remote_id=bindparam("k_remote")
+                ),
+                params,
+            )
+
+
+def _upserts_user(job: _Job) -> bool:
+    return job.resource_type == "User" and job.action == UPSERT
+
+
+def _find_lost_creates(connector: Connector, jobs: list[_Job], report: DeliveryReport) -> None:
+    """Upserts whose earlier push went out under another key (an e-mail changed since) and was never
+    recorded: look that account up, so it is updated rather than a second one made (a target that keys
+    accounts by address, like a newsletter, re-made it under that key). When it is not there, that push did
+    not land, and the key of the one about to be sent replaces it."""
+    for job in jobs:
+        key = job.row.inflight_key
+        pending = job.action == UPSERT and job.result is None and job.error is None
+        if not pending or key in (None, job.record.match_key):
+            continue
+        report.calls += 1
+        try:
+            found = connector.find(key)
+        except Exception as exc:  # classified by _record, like a failed call
+            job.error = exc
+            continue
+        if found is not None and found != job.record.remote_id:
+            job.record = replace(job.record, remote_id=found)
 
 
 def _plan(
@@ -381,6 +472,8 @@ def _plan(
             action = decide(cfg, doc, deleted=deleted, previously_provisioned=_provisioned(row)).action
             attrs = mapper(doc) if doc else {}
             key = match_key(attrs, connector.match_field) if attrs else None
+            if action != UPSERT and row.remote_id is None and row.inflight_key is not None:
+                key = row.inflight_key  # the account a lost create may have made (a tombstone has no key)
             # Switched back on after a deactivation (consent regranted, reactivated).
             resume = action == UPSERT and row.synced_action == "deactivate"
             record = Record(
@@ -514,9 +607,21 @@ def _apply(connector: Connector, job: _Job) -> Result:
     if job.action == UPSERT:
         return connector.upsert(rec)
     try:
-        return connector.deprovision(rec, DeprovisionAction(job.action))
+        result = connector.deprovision(rec, DeprovisionAction(job.action))
     except GoneError:
-        return Result(None, "absent")
+        result = Result(None, "absent")
+    key = job.row.inflight_key
+    if key is not None and (rec.remote_id is not None or rec.match_key != key):
+        # A push whose outcome was lost may have made the account under that key too (a newsletter member
+        # is re-made under a changed address): deprovision what is found there as well.
+        again = replace(rec, remote_id=None, match_key=key)
+        try:
+            other = connector.deprovision(again, DeprovisionAction(job.action))
+        except GoneError:
+            other = Result(None, "absent")
+        if result.outcome == "absent":
+            job.record, result = again, other
+    return result
 
 
 def _follow_up(connector: Connector, job: _Job, exc: Exception, report: DeliveryReport) -> None:
@@ -615,6 +720,7 @@ def _record(
                     # A newer version desired meanwhile keeps the row due.
                     status=case((L.desired_version > v, Status.PENDING.value), else_=bindparam("v_status")),
                     remote_id=bindparam("v_remote"),
+                    inflight_key=bindparam("v_inflight"),
                     payload_digest=bindparam("v_digest"),
                     priority=case((L.desired_version > v, L.priority), else_=0),
                     attempts=0,
@@ -715,6 +821,8 @@ def _success(job: _Job) -> dict[str, Any]:
         "v_status": status.value,
         "v_remote": remote,
         "v_digest": job.digest,
+        # A call's outcome is known now; a job done without a call leaves the row's doubt as it was.
+        "v_inflight": job.row.inflight_key if job.result.outcome == "unchanged" else None,
     }
 
 
@@ -729,10 +837,15 @@ def _dead_letter(
     now: datetime,
     report: DeliveryReport,
 ) -> None:
+    # A refusal (a permanent 4xx) created nothing at the target, so the matching key kept for a create
+    # whose outcome might be unknown is personal data with no use left; after retries that gave up, the
+    # last outcome is unknown and the key stays, to find the account an erasure must reach.
+    refused = isinstance(job.error, PermanentError)
     moved = conn.execute(
         update(sync_ledger)
         .where(L.target == target, L.identity_id == job.row.identity_id, L.lease_owner == owner)
         .values(
+            **({"inflight_key": None} if refused else {}),
             status=Status.DEAD.value,
             attempts=attempts,
             last_error_code=code,
@@ -983,12 +1096,16 @@ def finish_erasures(conn: Connection, identity_ids: Sequence[str], now: datetime
     """Purge tombstones every target is done with, down to their erasure receipts; returns purged ids."""
     if not identity_ids:
         return []
+    # Locked, in id order: two targets finishing the same erasure at once would otherwise each see the
+    # other's row as not done yet (uncommitted) and neither would purge the tombstone. Waiting here, the
+    # second sees the first's committed row (PostgreSQL reads anew per statement; SQLite writers are serial).
     tombstones = {
         r.id: r
         for r in conn.execute(
-            select(identities.c.id, identities.c.version, identities.c.deleted_at).where(
-                identities.c.id.in_(list(identity_ids)), identities.c.deleted_at.is_not(None)
-            )
+            select(identities.c.id, identities.c.version, identities.c.deleted_at)
+            .where(identities.c.id.in_(list(identity_ids)), identities.c.deleted_at.is_not(None))
+            .order_by(identities.c.id)
+            .with_for_update()
         )
     }
     tombs = list(tombstones)

@@ -140,8 +140,6 @@ def _no_server_error(r: Any) -> None:
         assert_scim_error(r, r.status_code)
 
 
-
-
 @pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE"])
 @pytest.mark.parametrize("endpoint", ["Users", "Groups"])
 def test_a_nul_in_the_resource_id_is_404(
