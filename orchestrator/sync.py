@@ -390,12 +390,14 @@ def _note_attempts(engine: Engine, target: str, jobs: list[_Job], owner: str) ->
     behind: the digest of the last recorded push no longer tells what the target holds (cleared, so a change
     undone meanwhile is still pushed); an upsert's matching key is the one the account is found by if the push
     landed (``inflight_key``: a create the ledger has no remote id for, an address changed where the target
-    keys accounts by it); and a remote id ``_find_lost_creates`` found is a fact worth keeping."""
+    keys accounts by it); a deprovisioning's action, which the target may hold from now on (so a later upsert
+    switches the account back on); and a remote id ``_find_lost_creates`` found is a fact worth keeping."""
     params = [
         {
             "k_id": j.row.identity_id,
             "k_key": j.record.match_key if _upserts_user(j) and j.record.match_key else j.row.inflight_key,
             "k_remote": j.record.remote_id or j.row.remote_id,
+            "k_action": j.action if j.resource_type == "User" and j.action != UPSERT else j.row.synced_action,
         }
         for j in jobs
         if j.result is None and j.error is None
@@ -406,7 +408,10 @@ def _note_attempts(engine: Engine, target: str, jobs: list[_Job], owner: str) ->
                 update(sync_ledger)
                 .where(L.target == target, L.identity_id == bindparam("k_id"), L.lease_owner == owner)
                 .values(
-                    payload_digest=None, inflight_key=bindparam("k_key"), remote_id=bindparam("k_remote")
+                    payload_digest=None,
+                    inflight_key=bindparam("k_key"),
+                    remote_id=bindparam("k_remote"),
+                    synced_action=bindparam("k_action"),
                 ),
                 params,
             )
@@ -473,7 +478,8 @@ def _plan(
             attrs = mapper(doc) if doc else {}
             key = match_key(attrs, connector.match_field) if attrs else None
             if action != UPSERT and row.remote_id is None and row.inflight_key is not None:
-                key = row.inflight_key  # the account a lost create may have made (a tombstone has no key)
+                # The account a lost create may have made, found by that key alone (a tombstone has none).
+                key, attrs = row.inflight_key, {}
             # Switched back on after a deactivation (consent regranted, reactivated).
             resume = action == UPSERT and row.synced_action == "deactivate"
             record = Record(
@@ -614,7 +620,7 @@ def _apply(connector: Connector, job: _Job) -> Result:
     if key is not None and (rec.remote_id is not None or rec.match_key != key):
         # A push whose outcome was lost may have made the account under that key too (a newsletter member
         # is re-made under a changed address): deprovision what is found there as well.
-        again = replace(rec, remote_id=None, match_key=key)
+        again = replace(rec, remote_id=None, match_key=key, attributes={})  # found by that key alone
         try:
             other = connector.deprovision(again, DeprovisionAction(job.action))
         except GoneError:

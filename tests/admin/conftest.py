@@ -21,6 +21,7 @@ from orchestrator.db import identities, make_engine, metadata, now
 from orchestrator.ledger import sync_ledger
 from orchestrator.outbox import Kind, emit
 from orchestrator.relay import drain
+from orchestrator.scim.storage import tombstone
 from orchestrator.targets import TargetConfig, connector_settings, parse_targets
 from tests.conftest import create_pg_database, drop_pg_database
 
@@ -209,23 +210,8 @@ def bulk_customers(engine: Engine, count: int, *, active: bool = True) -> list[s
 def erase(engine: Engine, user_id: str) -> None:
     """A SCIM DELETE: personal data gone at once, a tombstone and a ``deleted`` event remain."""
     with engine.begin() as conn:
-        row = conn.execute(select(identities).where(identities.c.id == user_id)).one()
-        stamp = now()
-        conn.execute(
-            update(identities)
-            .where(identities.c.id == user_id)
-            .values(
-                version=row.version + 1,
-                doc={},
-                user_name=None,
-                user_name_ci=None,
-                email_ci=None,
-                active=None,
-                deleted_at=stamp,
-                updated_at=stamp,
-            )
-        )
-        emit(conn, "User", user_id, row.version + 1, Kind.DELETED)
+        row = conn.execute(select(identities.c.version).where(identities.c.id == user_id)).one()
+        tombstone(conn, "User", user_id, row.version)
 
 
 def flow(engine: Engine, targets: Sequence[TargetConfig]) -> dict[str, list[str]]:

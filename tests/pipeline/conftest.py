@@ -19,6 +19,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 from orchestrator.db import identities, make_engine, metadata, now
 from orchestrator.ledger import sync_ledger
 from orchestrator.outbox import Kind, emit
+from orchestrator.scim.storage import tombstone
 from orchestrator.targets import TargetConfig, parse_targets
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.pipeline.recording import RecordingTarget
@@ -147,23 +148,8 @@ def put_user(engine: Engine, user_id: str | None = None, *, active: bool = True,
 def delete_user(engine: Engine, user_id: str) -> None:
     """A SCIM DELETE: personal data gone at once, a tombstone and a ``deleted`` event remain."""
     with engine.begin() as conn:
-        row = conn.execute(select(identities).where(identities.c.id == user_id)).one()
-        stamp = now()
-        conn.execute(
-            update(identities)
-            .where(identities.c.id == user_id)
-            .values(
-                version=row.version + 1,
-                doc={},
-                user_name=None,
-                user_name_ci=None,
-                email_ci=None,
-                active=None,
-                deleted_at=stamp,
-                updated_at=stamp,
-            )
-        )
-        emit(conn, "User", user_id, row.version + 1, Kind.DELETED)
+        row = conn.execute(select(identities.c.version).where(identities.c.id == user_id)).one()
+        tombstone(conn, "User", user_id, row.version)
 
 
 def ledger_row(engine: Engine, target: str, user_id: str) -> Any:

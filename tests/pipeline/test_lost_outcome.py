@@ -337,3 +337,35 @@ def test_newsletter_keeps_one_member_through_a_lost_address_change_then_erasure(
     _flow(w)
     _deliver(w, "newsletter", [uid])
     assert held() == {}
+
+
+def test_newsletter_resubscribes_after_an_unrecorded_unsubscribe(w: dict[str, Any]) -> None:
+    consent = {CUSTOMER: {"consents": [{"purpose": "marketing_email", "granted": True}]}}
+    uid = _customer(w, "resub@example.org", schemas=[USER_SCHEMA, CUSTOMER], **consent)
+    _flow(w)
+    _deliver(w, "newsletter", [uid])
+    granted = {"op": "replace", "path": f'{CUSTOMER}:consents[purpose eq "marketing_email"].granted'}
+    w["hub"].patch(f"/scim/v2/Users/{uid}", json=patch({**granted, "value": False}))
+    _flow(w)
+    _deliver(w, "newsletter", [uid], killed=True)  # unsubscribed at the newsletter, not recorded
+    w["hub"].patch(f"/scim/v2/Users/{uid}", json=patch({**granted, "value": True}))
+    _flow(w)
+    _deliver(w, "newsletter", [uid])
+    [member] = [a for a in w["connectors"]["newsletter"].list_accounts().accounts if a.external_id == uid]
+    assert member.attributes["status"] == "subscribed"
+
+
+def test_newsletter_unsubscribes_a_lost_create_after_the_address_changed(w: dict[str, Any]) -> None:
+    consent = {CUSTOMER: {"consents": [{"purpose": "marketing_email", "granted": True}]}}
+    uid = _customer(w, "gone-a@example.org", schemas=[USER_SCHEMA, CUSTOMER], **consent)
+    _flow(w)
+    _deliver(w, "newsletter", [uid], killed=True)  # subscribed under the first address, not recorded
+    _email(w, uid, "gone-b@example.org")
+    granted = {"op": "replace", "path": f'{CUSTOMER}:consents[purpose eq "marketing_email"].granted'}
+    w["hub"].patch(f"/scim/v2/Users/{uid}", json=patch({**granted, "value": False}))
+    _flow(w)
+    _deliver(w, "newsletter", [uid])
+    members = [
+        a.attributes for a in w["connectors"]["newsletter"].list_accounts().accounts if a.external_id == uid
+    ]
+    assert [m["status"] for m in members if m["status"] != "archived"] == ["unsubscribed"]
