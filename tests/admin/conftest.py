@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select
 
 from connectors.base import Connector
 from connectors.registry import build
@@ -19,11 +19,11 @@ from connectors.sandbox.runner import NEWSLETTER_KEY, NEWSLETTER_LIST, SHOP_KEY,
 from orchestrator import db, migrations, settings, sync
 from orchestrator.db import identities, make_engine, metadata, now
 from orchestrator.ledger import sync_ledger
-from orchestrator.outbox import Kind, emit
 from orchestrator.relay import drain
 from orchestrator.scim.storage import tombstone
 from orchestrator.targets import TargetConfig, connector_settings, parse_targets
 from tests.conftest import create_pg_database, drop_pg_database
+from tests.store import write_user
 
 SHOP_ENV = "IDHUB_ADMIN_TEST_SHOP_TOKEN"
 NEWS_ENV = "IDHUB_ADMIN_TEST_NEWS_TOKEN"
@@ -150,36 +150,7 @@ def put_customer(
     user_id = user_id or str(uuid.uuid4())
     email = f"c-{user_id[:8]}@example.test"
     doc = _doc(email, given, family, active, language)
-    stamp = now()
-    with engine.begin() as conn:
-        row = conn.execute(select(identities).where(identities.c.id == user_id)).first()
-        if row is None:
-            version, kind = 1, Kind.CREATED
-            conn.execute(
-                insert(identities).values(
-                    id=user_id,
-                    version=1,
-                    user_name=email,
-                    user_name_ci=email,
-                    email_ci=email,
-                    active=active,
-                    doc=doc,
-                    created_at=stamp,
-                    updated_at=stamp,
-                )
-            )
-        else:
-            version = row.version + 1
-            kind = (
-                Kind.UPDATED if row.active == active else (Kind.REACTIVATED if active else Kind.DEACTIVATED)
-            )
-            conn.execute(
-                update(identities)
-                .where(identities.c.id == user_id)
-                .values(version=version, active=active, doc=doc, updated_at=stamp)
-            )
-        emit(conn, "User", user_id, version, kind, ["name.givenName", "active"])
-    return user_id
+    return write_user(engine, user_id, doc)
 
 
 def bulk_customers(engine: Engine, count: int, *, active: bool = True) -> list[str]:

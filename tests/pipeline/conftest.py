@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, delete, select
 
-from orchestrator.db import identities, make_engine, metadata, now
+from orchestrator.db import identities, make_engine, metadata
 from orchestrator.ledger import sync_ledger
-from orchestrator.outbox import Kind, emit
 from orchestrator.scim.storage import tombstone
 from orchestrator.targets import TargetConfig, parse_targets
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.pipeline.recording import RecordingTarget
 from tests.services import REDIS_URL
+from tests.store import write_user
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,35 +114,7 @@ def put_user(engine: Engine, user_id: str | None = None, *, active: bool = True,
         "name": {"givenName": given},
         "active": active,
     }
-    with engine.begin() as conn:
-        row = conn.execute(select(identities).where(identities.c.id == user_id)).first()
-        stamp = now()
-        if row is None:
-            version, kind = 1, Kind.CREATED
-            conn.execute(
-                insert(identities).values(
-                    id=user_id,
-                    version=1,
-                    user_name=doc["userName"],
-                    user_name_ci=doc["userName"],
-                    active=active,
-                    doc=doc,
-                    created_at=stamp,
-                    updated_at=stamp,
-                )
-            )
-        else:
-            version = row.version + 1
-            kind = (
-                Kind.UPDATED if row.active == active else (Kind.REACTIVATED if active else Kind.DEACTIVATED)
-            )
-            conn.execute(
-                update(identities)
-                .where(identities.c.id == user_id)
-                .values(version=version, active=active, doc=doc, updated_at=stamp)
-            )
-        emit(conn, "User", user_id, version, kind, ["name.givenName"])
-    return user_id
+    return write_user(engine, user_id, doc)
 
 
 def delete_user(engine: Engine, user_id: str) -> None:
