@@ -1,79 +1,83 @@
 """The hub's HTTP face: SCIM 2.0 under ``/scim/v2`` (scim2-server on our SQL storage), health and metrics.
 
-One request is one database transaction: the resource change and its outbox event commit together. A Bulk
-request runs each operation in a savepoint, so a failed operation leaves the others in place (RFC 7644 §3.7).
+One writing request is one database transaction: the resource change and its outbox event commit together.
+In a Bulk request a failed operation leaves the others in place (RFC 7644 §3.7); its User creations are
+written together at the end (see ``storage.bind``), and if one of them meets a stored userName the request is
+served again one operation at a time, which answers exactly as if it had been served so from the start.
+Reads on PostgreSQL run without a transaction (each statement has its own snapshot either way).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Iterable, Mapping
-from functools import reduce
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from operator import or_
-from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic_core import from_json
 from scim2_models import (
     AuthenticationScheme,
     Bulk,
+    BulkOperation,
+    BulkRequest,
+    BulkResponse,
     ChangePassword,
-    EnterpriseUser,
     ETag,
-    Extension,
     Filter,
     ForbiddenException,
     Group,
     InvalidFilterException,
+    ListResponse,
     NotFoundException,
     Patch,
+    PatchOp,
     PayloadTooLargeException,
     Resource,
     ResourceType,
-    Schema,
+    ResponseParameters,
     SCIMException,
     ScimPolicy,
     ScimProvider,
+    SearchRequest,
     ServiceProviderConfig,
     Sort,
     UnauthorizedException,
     User,
 )
 from scim2_models import Context as ScimContext
+from scim2_models import Path as ScimPath
+from scim2_models import Reference as ScimReference
+from scim2_server.bulk import BulkPlan, BulkStep
 from scim2_server.handler import ScimHandler
 from scim2_server.requests import ScimRequest
 from scim2_server.responses import ScimResponse
 from scim2_server.routing import Operation, Target
+from scim2_server.routing import match as route_match
 from scim2_server.service import ScimService
-from sqlalchemy import Engine, text
-from starlette.concurrency import run_in_threadpool
+from scim2_server.storage import SearchPage
+from scim2_server.utils import parametrize
+from sqlalchemy import Engine, QueuePool, text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator import logs, metrics, migrations, openapi
 from orchestrator.auth import Principal, TokenVerifier
 from orchestrator.db import engine_for
 from orchestrator.scim import storage as scim_storage
-from orchestrator.scim.schemas import CustomerUser
+from orchestrator.scim.extensions import user_extensions, user_model
 from orchestrator.settings import Settings
 
 log = logging.getLogger("idhub.api")
 
 SCIM_PREFIX = "/scim/v2"
 READ_OPERATIONS = frozenset({Operation.query, Operation.search, Operation.search_with_body})
-
-
-def load_extension_schemas(folder: Path | None) -> list[type[Extension]]:
-    """Operator-defined User extensions: every ``*.json`` in ``folder`` is one SCIM schema document."""
-    if folder is None:
-        return []
-    models: list[type[Extension]] = []
-    for path in sorted(folder.glob("*.json")):
-        schema = Schema.model_validate(json.loads(path.read_text()))
-        models.append(Extension.from_schema(schema))
-    return models
 
 
 def service_provider_config(settings: Settings) -> ServiceProviderConfig:
@@ -100,13 +104,14 @@ def service_provider_config(settings: Settings) -> ServiceProviderConfig:
     )
 
 
-def build_provider(settings: Settings, extra: Iterable[type[Extension]] = ()) -> ScimProvider:
+def build_provider(settings: Settings) -> ScimProvider:
     """The hub's resource types: User with enterprise, customer and operator extensions; Group."""
-    extensions: list[type[Extension]] = [EnterpriseUser, CustomerUser, *extra]
-    user_model: Any = User.__class_getitem__(reduce(or_, extensions))
     return ScimProvider(
-        models=[User, Group, *extensions],
-        resource_types=[ResourceType.from_resource(user_model), ResourceType.from_resource(Group)],
+        models=[User, Group, *user_extensions(settings.schema_dir)],
+        resource_types=[
+            ResourceType.from_resource(user_model(settings.schema_dir)),
+            ResourceType.from_resource(Group),
+        ],
         config=service_provider_config(settings),
         # Microsoft Entra ID sends PATCH remove with a value and adds to filtered paths that match nothing.
         policy=ScimPolicy(
@@ -122,6 +127,92 @@ class HubService(ScimService):
     def __init__(self, provider: ScimProvider, *, max_filter_length: int) -> None:
         super().__init__(provider)
         self.max_filter_length = max_filter_length
+        # scim2-server parametrizes these generic messages on every request. pydantic caches a parametrized
+        # class only while something holds it, so without these references each request built new classes.
+        models = self.get_models()
+        every: Any = Union[tuple(models)]  # noqa: UP007 (the form scim2-server builds, so the cache key matches)
+        per_request: tuple[Any, ...] = (ListResponse, BulkRequest, BulkResponse)
+        per_model: tuple[Any, ...] = (PatchOp, SearchRequest, ResponseParameters)
+        self.generics = [g[every] for g in per_request] + [g[m] for m in models for g in per_model]
+        self.bulk_request: Any = self.generics[1]
+
+    @staticmethod
+    def match(request: ScimRequest) -> Target:
+        # Asked three times a request; a Target is frozen, so one answer serves them all.
+        return _route(request.method.upper(), request.path)
+
+    def publish(self, base_url: str, resource: Resource[Any]) -> Resource[Any]:
+        # scim2-server deep-copies every resource to rewrite its references to other resources as URLs; a
+        # resource holding none (most customers) needs only its meta completed, on a shallow copy.
+        holders = _reference_holders(type(resource))
+        if holders is None or any(getattr(resource, name, None) for name in holders):
+            return super().publish(base_url, resource)
+        assert resource.meta is not None
+        assert resource.id is not None
+        update: dict[str, Any] = {
+            "location": self.resource_location(base_url, self.get_resource_type_of(resource), resource.id)
+        }
+        if not self.etag_supported:
+            update["version"] = None
+        return resource.model_copy(update={"meta": resource.meta.model_copy(update=update)})
+
+    def read_bulk(self, body: bytes, content_type: str | None) -> BulkPlan:
+        # scim2-server's own steps, with a plan that skips looking for "bulkId:" references in every value
+        # of every operation when the payload holds none (RFC 7644 §3.7.2).
+        self.ensure_supported(self.config.bulk, "Bulk")
+        assert self.config.bulk is not None
+        self.ensure_bulk_payload_size(len(body))
+        request = self.read_body(self.bulk_request, body, content_type, ScimContext.BULK_REQUEST)
+        operations = request.operations or []
+        limit = self.config.bulk.max_operations
+        if limit is not None and len(operations) > limit:
+            raise PayloadTooLargeException(
+                detail=f"The number of operations exceeds the maxOperations ({limit})"
+            )
+        plan = BulkPlan if _mentions_bulk_id(from_json(body)) else _PlainBulkPlan
+        return plan(operations, request.fail_on_errors)
+
+    def search_response(
+        self,
+        base_url: str,
+        resource_types: list[ResourceType],
+        page: SearchPage,
+        search_request: SearchRequest[Any],
+    ) -> ScimResponse:
+        # scim2-server dumps each resource, validates the dumps into a ListResponse and dumps them again; the
+        # envelope is built without them and the resources dumped once.
+        empty = dataclasses.replace(page, resources=[])
+        response = super().search_response(base_url, resource_types, empty, search_request)
+        if page.resources and isinstance(response.body, dict):
+            response.body["itemsPerPage"] = len(page.resources)
+            response.body["Resources"] = [
+                self.publish(base_url, resource).model_dump(
+                    scim_ctx=ScimContext.RESOURCE_QUERY_RESPONSE, response_parameters=search_request
+                )
+                for resource in page.resources
+            ]
+        return response
+
+    def bulk_response(self, plan: BulkPlan) -> ScimResponse:
+        outcomes = plan.outcomes()
+        if any(outcome.get("response") is not None for outcome in outcomes):
+            return super().bulk_response(plan)  # error bodies are scim2-models' to render
+        # Validating a BulkResponse model only to dump it again cost a tenth of a Bulk request.
+        operations = [
+            {
+                key: value
+                for key, value in (
+                    ("method", str(outcome["method"])),
+                    ("bulkId", outcome.get("bulk_id")),
+                    ("version", outcome.get("version")),
+                    ("location", outcome.get("location")),
+                    ("status", str(int(outcome["status"]))),
+                )
+                if value is not None
+            }
+            for outcome in outcomes
+        ]
+        return ScimResponse(HTTPStatus.OK, {"schemas": [BULK_RESPONSE], "Operations": operations})
 
     def _bound(self, text: Any, what: str) -> None:
         # Checked on the raw text, before anything parses it: parsing is what a huge filter makes slow.
@@ -153,6 +244,22 @@ class HubService(ScimService):
         if not principal.allows(scope):
             raise ForbiddenException(detail=f"the token lacks the {scope} scope")
 
+    def bulk_success(
+        self,
+        base_url: str,
+        operation: BulkOperation[Resource[Any]],
+        outcome: dict[str, Any],
+        resource: Resource[Any] | None,
+    ) -> dict[str, Any]:
+        # A Bulk result names only the resource's location and version (RFC 7644 §3.7.3): publishing a deep
+        # copy of every resource with its references resolved cost more than writing it.
+        outcome = super().bulk_success(base_url, operation, outcome, None)
+        if resource is not None and resource.meta is not None and resource.id is not None:
+            resource_type = self.get_resource_type_of(resource)
+            outcome["location"] = self.resource_location(base_url, resource_type, resource.id)
+            outcome["version"] = resource.meta.version if self.etag_supported else None
+        return outcome
+
     def patch_response(
         self, base_url: str, resource: Resource[Any], response_parameters: Any
     ) -> ScimResponse:
@@ -165,17 +272,75 @@ class HubService(ScimService):
         return response
 
 
+BULK_RESPONSE = "urn:ietf:params:scim:api:messages:2.0:BulkResponse"
+
+_route = functools.lru_cache(maxsize=1024)(route_match)
+
+
+@functools.cache
+def _reference_holders(model: type[Resource[Any]]) -> tuple[str, ...] | None:
+    """The fields of ``model`` under which scim2-server's ``publish`` rewrites references; None if unknown."""
+    by_name = {
+        str(field.serialization_alias or name).lower(): name for name, field in model.model_fields.items()
+    }
+    holders = set()
+    for path in parametrize(ScimPath, model).iter_paths(target_type=[ScimReference]):
+        binding = path.resolve()
+        types = set(getattr(binding.target_type, "__reference_types__", ()) if binding else ())
+        if not types or types & {"external", "uri"}:
+            continue  # publish leaves these as they are
+        holder = by_name.get(str(path.schema or path.parts[0]).lower())
+        if holder is None:
+            return None
+        holders.add(holder)
+    return tuple(sorted(holders))
+
+
+def _mentions_bulk_id(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string with ``bulkId:`` anywhere."""
+    if isinstance(value, str):
+        return "bulkId:" in value
+    if isinstance(value, dict):
+        return any(_mentions_bulk_id(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_mentions_bulk_id(item) for item in value)
+    return False
+
+
+class _PlainBulkPlan(BulkPlan):
+    """The plan of a Bulk request without "bulkId:" references: in request order, nothing to resolve."""
+
+    @staticmethod
+    def references(operation: BulkOperation[Resource[Any]]) -> list[str]:
+        return []
+
+    def resolve(self, step: BulkStep) -> BulkOperation[Resource[Any]]:
+        operation = self.operation(step)
+        if operation.bulk_id is not None and not self.is_creation(step.index, operation.bulk_id):
+            return super().resolve(step)  # refuses a POST reusing an earlier POST's bulkId
+        return operation
+
+
 class Hub:
     """The SCIM machinery bound to one store: provider, service, storage, handler and token checks."""
 
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
         self.engine = engine or engine_for(settings.database_url)
-        self.provider = build_provider(settings, load_extension_schemas(settings.schema_dir))
+        self.provider = build_provider(settings)
         self.service = HubService(self.provider, max_filter_length=settings.max_filter_length)
         self.storage = scim_storage.SqlStorage(self.provider, max_string_length=settings.max_string_length)
         self.handler = ScimHandler(self.service, self.storage)
         self.tokens = TokenVerifier(self.engine)
+        pool_size = self.engine.pool.size() if isinstance(self.engine.pool, QueuePool) else 4
+        self.executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="idhub-scim")
+        # SQLite reads keep their transaction: switching back from AUTOCOMMIT would hand SQLite's transactions
+        # back to the driver, which db.py takes from it (BEGIN IMMEDIATE by hand).
+        self.reader = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.engine.dialect.name == "postgresql"
+            else None
+        )
 
     def serve(self, request: ScimRequest) -> ScimResponse:
         """Authenticate and serve one SCIM request in one transaction; errors become SCIM error responses."""
@@ -184,18 +349,29 @@ class Hub:
             if operation is not Operation.service_provider_config:
                 request.subject = self._authenticate(request)
             write = request.method.upper() not in ("GET", "HEAD") and operation not in READ_OPERATIONS
-            with (
-                self.engine.begin() as conn,
-                scim_storage.bind(conn, write=write),
-            ):
-                # Relays wake at commit through the outbox trigger (migration 0001); polling covers the rest.
-                response = self.handler.handle(request)
+            try:
+                response = self._handle(request, write=write, batch=operation is Operation.bulk)
+            except scim_storage.BatchClash:
+                # A held-back creation met a stored userName; one operation at a time says which ones.
+                response = self._handle(request, write=write, batch=False)
         except SCIMException as exc:
             response = self.service.error_response(exc)
         except Exception as exc:
             log.exception("unexpected error serving a SCIM request", exc_info=exc)
             response = self.service.error_response(exc)
         response.headers.setdefault("Cache-Control", "no-cache")
+        return response
+
+    def _handle(self, request: ScimRequest, *, write: bool, batch: bool) -> ScimResponse:
+        if not write and self.reader is not None:
+            # Each PostgreSQL statement sees its own snapshot in READ COMMITTED anyway, so a read needs no
+            # transaction; that saves BEGIN and COMMIT, two of a filtered GET's three round trips.
+            with self.reader.connect() as conn, scim_storage.bind(conn):
+                return self.handler.handle(request)
+        with self.engine.begin() as conn, scim_storage.bind(conn, write=write, batch=batch):
+            response = self.handler.handle(request)
+            scim_storage.flush()
+            # Relays wake at commit through the outbox trigger (migration 0001); polling covers the rest.
         return response
 
     def _authenticate(self, request: ScimRequest) -> Principal:
@@ -229,6 +405,14 @@ def create_app(settings: Settings, engine: Engine | None = None, *, migrate: boo
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus(request: Request) -> Response:
+        # Counts only, but they tell how many customers and targets there are: a token with the metrics
+        # scope (Prometheus sends it as ``authorization: {credentials: ...}``), like every other route.
+        scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+        principal = hub.tokens.verify(token.strip()) if scheme.lower() == "bearer" else None
+        if principal is None or not principal.allows("metrics"):
+            status = HTTPStatus.UNAUTHORIZED if principal is None else HTTPStatus.FORBIDDEN
+            headers = {"WWW-Authenticate": "Bearer"} if principal is None else None
+            return JSONResponse({"detail": "a token with the metrics scope is required"}, status, headers)
         body, content_type = metrics.render(scrape, request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
@@ -255,7 +439,10 @@ def create_app(settings: Settings, engine: Engine | None = None, *, migrate: boo
 
     @app.api_route(SCIM_PREFIX, methods=methods, include_in_schema=False)
     @app.api_route(SCIM_PREFIX + "/{path:path}", methods=methods, include_in_schema=False)
-    async def scim(request: Request, path: str = "") -> Response:
+    async def scim(request: Request) -> Response:
+        # Read from the route's match, not declared as a parameter: FastAPI's parameter checks cost more
+        # per request than everything else this function does before the hand-off.
+        path: str = request.path_params.get("path", "")
         limit = settings.max_body_bytes
         body = b""
         async for chunk in request.stream():
@@ -273,7 +460,10 @@ def create_app(settings: Settings, engine: Engine | None = None, *, migrate: boo
             headers=list(request.headers.items()),
             body=body,
         )
-        response = await run_in_threadpool(hub.serve, scim_request)
+        # The executor of the hub rather than anyio's thread pool: its hand-off costs a fraction, and its
+        # threads match the connection pool, so no request holds a thread while it queues for a connection.
+        call = functools.partial(contextvars.copy_context().run, hub.serve, scim_request)
+        response = await asyncio.get_running_loop().run_in_executor(hub.executor, call)
         return _to_response(response)
 
     return app

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, insert, select, update
 
 from orchestrator.db import api_tokens, now
 
-SCOPES = frozenset({"scim:read", "scim:write", "admin"})
+SCOPES = frozenset({"scim:read", "scim:write", "admin", "metrics"})
 PREFIX = "idh_"
 
 

@@ -115,8 +115,8 @@ def confirm(connector: Connector, action: str, remote_id: str | None, outcome: s
         except Exception:  # a failed read-back does not undo the erasure; it stays unconfirmed
             return REQUESTED
         return VERIFIED_ABSENT if held is None else REQUESTED
-    # The target itself answered that no such account exists (404 on the deletion).
-    return VERIFIED_ABSENT if outcome == "absent" and connector.supports_read else REQUESTED
+    # With no remote id nothing could be read back: an "absent" may only mean no account was looked up.
+    return REQUESTED
 
 
 def write_receipts(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -336,11 +336,11 @@ ConnectorFor = Callable[[TargetConfig], Connector | None]
 def hub_resource(engine: Engine, identity_id: str) -> dict[str, Any] | None:
     """The identity as the SCIM API serves it (the full resource), or None for a tombstone."""
     from orchestrator import settings as settings_mod
-    from orchestrator.api import build_provider, load_extension_schemas  # the API's own models
+    from orchestrator.api import build_provider  # the API's own models
     from orchestrator.scim import storage as scim_storage
 
     cfg = settings_mod.get()
-    provider = build_provider(cfg, load_extension_schemas(cfg.schema_dir))
+    provider = build_provider(cfg)
     store = scim_storage.SqlStorage(provider, max_string_length=cfg.max_string_length)
     user_type = next(rt for rt in provider.resource_types if rt.name == "User")
     with engine.connect() as conn, scim_storage.bind(conn):

@@ -17,6 +17,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any, Final, TextIO
 
 import structlog
@@ -173,9 +174,22 @@ def _redact_item(key: str, value: Any, depth: int) -> Any:
     return redact_value(value, depth)
 
 
+@lru_cache(maxsize=4096)
+def _top_key(key: str) -> tuple[str, bool]:
+    """A line's key masked, and whether its value is masked whole; cached, as lines reuse a few keys."""
+    return redact_text(key), _norm(key) in _WHOLE_KEYS
+
+
 def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: mask personal data and secrets in every key and value of the line."""
-    return {redact_text(k): _redact_item(k, v, 0) for k, v in event_dict.items()}
+    out: EventDict = {}
+    for key, value in event_dict.items():
+        masked, whole = _top_key(str(key))
+        if value is None or isinstance(value, bool):
+            out[masked] = value
+        else:
+            out[masked] = REDACTED if whole else redact_value(value, 0)
+    return out
 
 
 def _foreign_stack(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:

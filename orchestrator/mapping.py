@@ -20,6 +20,7 @@ Missing or empty values are left out, never sent as null. Datetimes become ISO 8
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from inspect import isclass
 from typing import Any, Final
 
 from pydantic import BaseModel, ValidationError
-from scim2_models import EnterpriseUser, Path, ScimFilter, SearchRequest, User
+from scim2_models import Path, ScimFilter, SearchRequest, User
 from scim2_models.path.expressions import (
     AttrPath,
     CompareOperator,
@@ -40,10 +41,17 @@ from scim2_models.path.expressions import (
     ValuePath,
 )
 
-from orchestrator.scim.schemas import CustomerUser
+from orchestrator import settings
+from orchestrator.scim.extensions import user_model
 
-HubUser = User[EnterpriseUser | CustomerUser]
-"""The hub's User resource: core User with the enterprise and the customer extensions."""
+HubUser = user_model(None)
+"""The hub's built-in User resource: core User with the enterprise and the customer extensions."""
+
+
+def hub_user() -> Any:
+    """The User resource as this hub serves it: the built-in one plus the operator's extensions."""
+    return user_model(settings.get().schema_dir)
+
 
 CORE_USER_SCHEMA: Final = "urn:ietf:params:scim:schemas:core:2.0:User"
 
@@ -67,12 +75,26 @@ MISSING: Final = _Missing()
 """What a getter returns when the identity has no value at that path."""
 
 
+def _path(text: str) -> Any:
+    """A SCIM path bound to the hub's User."""
+    return Path.__class_getitem__(hub_user())(text)
+
+
 def _aliases(model: type[Any]) -> set[str]:
     return {(f.serialization_alias or name).lower() for name, f in model.model_fields.items()}
 
 
 _CORE_ATTRS: Final = _aliases(User) - {"schemas"}
-_EXTENSION_ATTRS: Final = {urn: _aliases(ext) for urn, ext in HubUser.get_extension_models().items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _attrs_of(model: Any) -> dict[str, set[str]]:
+    return {urn: _aliases(ext) for urn, ext in model.get_extension_models().items()}
+
+
+def _extension_attrs() -> dict[str, set[str]]:
+    """Each extension URN of the hub's User and the attribute names it declares (lower case)."""
+    return _attrs_of(hub_user())
 
 
 def schema_of(attr: str) -> str | None:
@@ -80,7 +102,7 @@ def schema_of(attr: str) -> str | None:
     name = attr.lower()
     if name in _CORE_ATTRS:
         return None
-    owners = [urn for urn, names in _EXTENSION_ATTRS.items() if name in names]
+    owners = [urn for urn, names in _extension_attrs().items() if name in names]
     return owners[0] if len(owners) == 1 else None
 
 
@@ -113,8 +135,11 @@ def parse_user_filter(text: str) -> FilterNode:
     """
     try:
         node = _qualify_node(ScimFilter(text).ast)
-        ScimFilter[HubUser](node)  # binding checks operators and values against the attribute types
-        SearchRequest[HubUser](filter=str(node))  # and this refuses unknown attributes
+        model = hub_user()
+        # Binding checks operators and values against the attribute types; the search refuses unknown ones.
+        ScimFilter.__class_getitem__(model)(node)
+        search: Any = SearchRequest.__class_getitem__(model)
+        search(filter=str(node))
     except ValidationError as exc:
         raise ValueError(exc.errors()[0]["msg"]) from None
     except Exception as exc:
@@ -179,7 +204,7 @@ def _steps_getter(steps: Sequence[tuple[str, str]]) -> Callable[[Any], Any]:
 
 def _case_exact(path_text: str) -> bool:
     try:
-        binding = Path[HubUser](path_text).resolve()
+        binding = _path(path_text).resolve()
     except Exception:
         return False
     return bool(binding is not None and binding.case_exact)
@@ -203,7 +228,7 @@ def _operand_getter(
         container = _identity
     binding = None
     with contextlib.suppress(Exception):
-        binding = Path[HubUser](full).resolve()
+        binding = _path(full).resolve()
     complex_values = (
         binding is not None and isclass(binding.field_type) and issubclass(binding.field_type, BaseModel)
     )
@@ -213,7 +238,7 @@ def _operand_getter(
         full += ".value"
         binding = None
         with contextlib.suppress(Exception):
-            binding = Path[HubUser](full).resolve()
+            binding = _path(full).resolve()
     walk = _steps_getter([(n, n.lower()) for n in names])
     is_datetime = binding is not None and getattr(binding, "target_type", None) is datetime
     return (lambda obj: walk(container(obj))), _case_exact(full), is_datetime
@@ -294,7 +319,7 @@ def _container_getter(attr_path: AttrPath) -> Getter:
 def _extension_urn(text: str) -> str | None:
     """The extension URN ``text`` names or starts with (``urn:...:User`` or ``urn:...:User:attr``)."""
     lowered = text.lower()
-    for urn in _EXTENSION_ATTRS:
+    for urn in _extension_attrs():
         if lowered == urn.lower() or lowered.startswith(urn.lower() + ":"):
             return str(urn)
     return None
@@ -316,7 +341,7 @@ def _single_getter(text: str) -> Getter:
         lurn = urn.lower()
         return lambda doc: _ci_get(doc, urn, lurn)
     try:
-        path = Path[HubUser](text)
+        path = _path(text)
     except Exception as exc:
         raise MappingError(f"invalid path {text!r}: {exc}") from None
     node = path.ast
@@ -327,7 +352,7 @@ def _single_getter(text: str) -> Getter:
     qualified = str(attr_path) if not isinstance(node, ValuePath) else f"{attr_path}[{node.val_filter}]"
     if isinstance(node, ValuePath) and node.sub_attr:
         qualified += f".{node.sub_attr}"
-    if Path[HubUser](qualified).resolve() is None:
+    if _path(qualified).resolve() is None:
         raise MappingError(f"unknown attribute {text!r}")
     if isinstance(node, ValuePath):
         try:

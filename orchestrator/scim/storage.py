@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 from scim2_models import (
@@ -28,13 +29,28 @@ from scim2_models import (
     UniquenessException,
 )
 from scim2_server.storage import ScimStorage, SearchPage
-from sqlalchemy import ColumnElement, Table, and_, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Executable, Table, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
-from orchestrator.db import group_members, groups, identities, now
-from orchestrator.outbox import Kind, emit
+from orchestrator.db import group_members, groups, identities, now, outbox
+from orchestrator.outbox import Kind, emit, event_row
+
+
+@dataclass
+class _Batch:
+    """User creations of one Bulk request, held back to be written in two statements instead of two each.
+
+    ``names`` are the userNames held back since the last flush, so a second creation of one name in the
+    request is refused at once, as the first one's insert would refuse it. Clashes with stored rows only show
+    at the flush: then ``clashed`` is set and the request is served again one operation at a time.
+    """
+
+    identities: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
+    clashed: bool = False
 
 
 @dataclass
@@ -44,23 +60,55 @@ class _Unit:
     conn: Connection
     write: bool
     rows: dict[tuple[str, str], Any] = field(default_factory=dict)
+    batch: _Batch | None = None
+
+
+class BatchClash(Exception):
+    """A held-back creation met a stored userName: the request must run again without batching."""
 
 
 _current: ContextVar[_Unit | None] = ContextVar("idhub_scim_unit", default=None)
 
 
 @contextmanager
-def bind(conn: Connection, *, write: bool = False) -> Iterator[None]:
+def bind(conn: Connection, *, write: bool = False, batch: bool = False) -> Iterator[None]:
     """Make ``conn`` the connection the storage works through for one request.
 
     In a writing request every row read is locked at once, so a read-modify-write (PATCH, PUT) cannot
-    interleave with another request's and answer a spurious 412.
+    interleave with another request's and answer a spurious 412. With ``batch`` (a Bulk request) User
+    creations are held back and written together by ``flush``, which the caller runs before it commits;
+    ``flush`` raises ``BatchClash`` when the request must be served again with ``batch`` off.
     """
-    token = _current.set(_Unit(conn, write))
+    token = _current.set(_Unit(conn, write, batch=_Batch() if batch else None))
     try:
         yield
     finally:
         _current.reset(token)
+
+
+def flush() -> None:
+    """Write the held-back creations of the current request (two statements whatever their number)."""
+    unit = _unit()
+    batch = unit.batch
+    if batch is None:
+        return
+    if batch.clashed:
+        raise BatchClash
+    if not batch.identities:
+        batch.names.clear()
+        return
+    conn = unit.conn
+    inserted = conn.execute(_insert_new_statement(conn.dialect.name, identities), batch.identities).all()
+    if len(inserted) != len(batch.identities):
+        # Nothing of this request is committed yet: the caller rolls back and serves it one operation at a
+        # time, which answers 409 for exactly the operations whose userName is taken.
+        batch.clashed = True
+        raise BatchClash
+    conn.execute(_OUTBOX_INSERT, batch.events)
+    batch.identities.clear()
+    batch.events.clear()
+    # Written now: a clash with these rows shows in the database from here on.
+    batch.names.clear()
 
 
 def _unit() -> _Unit:
@@ -71,14 +119,86 @@ def _unit() -> _Unit:
 
 
 def _conn() -> Connection:
+    """The request's connection, once every held-back creation is written (anything else may read them)."""
+    flush()
     return _unit().conn
+
+
+# The hot statements are built once and given their values at execution: building a statement with
+# ``.values(...)`` and its cache key cost more CPU per request than PostgreSQL spends running it.
+@cache
+def _insert_new_statement(dialect: str, table: Table) -> Executable:
+    dialect_insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return dialect_insert(table).on_conflict_do_nothing().returning(table.c.id)
+
+
+@cache
+def _row_statement(table: Table, *, lock: bool) -> Executable:
+    query = select(table).where(table.c.id == bindparam("row_id"), table.c.deleted_at.is_(None))
+    return query.with_for_update() if lock else query
+
+
+@cache
+def _update_statement(table: Table) -> Executable:
+    return update(table).where(table.c.id == bindparam("row_id"))
+
+
+_OUTBOX_INSERT = insert(outbox)
+_EVENT_COLUMNS = ("event_id", "resource_type", "version", "kind", "changed", "created_at")
+
+
+@cache
+def _write_with_event_statement(table: Table, columns: tuple[str, ...], *, update_row: bool) -> Executable:
+    """PostgreSQL: a row's INSERT (or UPDATE) and its outbox row as one statement, so one round trip.
+
+    The outbox row is made from what the data-modifying CTE returns: an insert that met a taken unique key
+    returns nothing, and then no event is written either.
+    """
+    row = {c: bindparam(f"row_{c}", type_=table.c[c].type) for c in columns}
+    written: Any
+    if update_row:
+        written = update(table).where(table.c.id == bindparam("target_id")).values(row)
+    else:
+        written = pg_insert(table).values(row).on_conflict_do_nothing()
+    written = written.returning(table.c.id).cte("written")
+    source = select(*(bindparam(f"event_{c}", type_=outbox.c[c].type) for c in _EVENT_COLUMNS), written.c.id)
+    return (
+        insert(outbox)
+        .from_select([*_EVENT_COLUMNS, "resource_id"], source)
+        .add_cte(written)
+        .returning(outbox.c.seq)
+    )
+
+
+def _write_with_event(
+    conn: Connection,
+    table: Table,
+    values: Mapping[str, Any],
+    event: Mapping[str, Any],
+    *,
+    row_id: str | None = None,
+) -> bool:
+    """Insert a row (or update row ``row_id``) and write its outbox ``event``; False when an insert met a
+    taken unique key, and then nothing is written."""
+    if conn.dialect.name == "postgresql":
+        statement = _write_with_event_statement(table, tuple(values), update_row=row_id is not None)
+        params = {f"row_{k}": v for k, v in values.items()}
+        params.update({f"event_{k}": event[k] for k in _EVENT_COLUMNS})
+        if row_id is not None:
+            params["target_id"] = row_id
+        return conn.execute(statement, params).first() is not None
+    if row_id is None:
+        if not _insert_new(conn, table, values):
+            return False
+    else:
+        conn.execute(_update_statement(table), {"row_id": row_id, **values})
+    conn.execute(_OUTBOX_INSERT, dict(event))
+    return True
 
 
 def _insert_new(conn: Connection, table: Table, values: Mapping[str, Any]) -> bool:
     """Insert a row unless a unique key is taken; True when inserted (one round trip, no aborted txn)."""
-    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = dialect_insert(table).values(**values).on_conflict_do_nothing().returning(table.c.id)
-    return conn.execute(statement).first() is not None
+    return conn.execute(_insert_new_statement(conn.dialect.name, table), dict(values)).first() is not None
 
 
 def _utc(stamp: datetime) -> datetime:
@@ -249,10 +369,7 @@ class SqlStorage(ScimStorage):
         key = (table.name, resource_id)
         if key in unit.rows:
             return unit.rows[key]
-        query = select(table).where(table.c.id == resource_id, table.c.deleted_at.is_(None))
-        if unit.write:
-            query = query.with_for_update()
-        row = conn.execute(query).first()
+        row = conn.execute(_row_statement(table, lock=unit.write), {"row_id": resource_id}).first()
         if row is None:
             raise NotFoundException(detail=f"Resource {resource_id} not found")
         if unit.write:
@@ -347,11 +464,14 @@ class SqlStorage(ScimStorage):
         condition: ColumnElement[bool] = table.c.deleted_at.is_(None)
         if search_request.filter is not None:
             condition = and_(condition, filters.where(search_request.filter, model, table, dialect))
-        total = conn.execute(select(func.count()).select_from(table).where(condition)).scalar_one()
+        counted = select(func.count()).select_from(table).where(condition)
         # Past any real table, and below what an SQL OFFSET holds.
         start = min(max(search_request.start_index or 1, 1), 2**62)
         count = search_request.count
-        query = select(table).where(condition)
+        if count == 0:
+            return SearchPage(total=conn.execute(counted).scalar_one(), resources=[])
+        # The total rides along with the page: one statement, one snapshot, one round trip.
+        query = select(table, counted.scalar_subquery().label("idhub_total")).where(condition)
         descending = str(getattr(search_request, "sort_order", "") or "").lower().endswith("descending")
         if search_request.sort_by:
             query = query.order_by(
@@ -362,7 +482,13 @@ class SqlStorage(ScimStorage):
         query = query.offset(start - 1)
         if count is not None:
             query = query.limit(count)
-        rows = conn.execute(query).all() if count != 0 else []
+        rows = conn.execute(query).all()
+        if rows:
+            total = rows[0].idhub_total
+        elif start == 1:
+            total = 0  # an empty first page: nothing matches
+        else:
+            total = conn.execute(counted).scalar_one()
         members = {} if self._is_user(resource_type) else self._members(conn, [r.id for r in rows])
         return SearchPage(
             total=total,
@@ -370,12 +496,15 @@ class SqlStorage(ScimStorage):
         )
 
     def create(self, resource_type: ResourceType, resource: Resource[Any]) -> Resource[Any]:
+        is_user = self._is_user(resource_type)
+        batch = _unit().batch
+        if is_user and batch is not None and not batch.clashed:
+            return self._create_later(batch, resource_type, resource)
         conn = _conn()
         table = self._table(resource_type)
         doc = self._doc_of(resource)
         resource_id = str(uuid.uuid4())
         stamp = now()
-        is_user = self._is_user(resource_type)
         if is_user:
             columns = user_columns(doc)
         else:
@@ -384,16 +513,36 @@ class SqlStorage(ScimStorage):
                 conn, [m.model_dump() for m in (getattr(resource, "members", None) or [])]
             )
         values = {"id": resource_id, "version": 1, "doc": doc, "created_at": stamp, "updated_at": stamp}
-        if not _insert_new(conn, table, {**values, **columns}):
-            raise UniquenessException(detail="userName is already taken")
         changed = changed_paths({}, doc)
+        if not is_user and member_pairs:
+            changed.add("members")
+        created = event_row(str(resource_type.name), resource_id, 1, Kind.CREATED, changed, stamp)
+        if not _write_with_event(conn, table, {**values, **columns}, created):
+            raise UniquenessException(detail="userName is already taken")
         if not is_user:
             self._write_members(conn, resource_id, member_pairs)
-            if member_pairs:
-                changed.add("members")
-        emit(conn, str(resource_type.name), resource_id, 1, Kind.CREATED, changed)
-        if not is_user:
             return self._stored_copy(conn, resource_type, resource_id)
+        return self._stamped(resource, resource_type, resource_id, stamp, stamp, 1)
+
+    def _create_later(
+        self, batch: _Batch, resource_type: ResourceType, resource: Resource[Any]
+    ) -> Resource[Any]:
+        """``create`` of a User in a Bulk request: checked now, written by the next ``flush``."""
+        doc = self._doc_of(resource)
+        columns = user_columns(doc)
+        name = columns["user_name_ci"]
+        if name is not None:
+            if name in batch.names:
+                raise UniquenessException(detail="userName is already taken")
+            batch.names.add(name)
+        resource_id = str(uuid.uuid4())
+        stamp = now()
+        batch.identities.append(
+            {"id": resource_id, "version": 1, "doc": doc, "created_at": stamp, "updated_at": stamp, **columns}
+        )
+        batch.events.append(
+            event_row(str(resource_type.name), resource_id, 1, Kind.CREATED, changed_paths({}, doc), stamp)
+        )
         return self._stamped(resource, resource_type, resource_id, stamp, stamp, 1)
 
     @staticmethod
@@ -476,13 +625,10 @@ class SqlStorage(ScimStorage):
             return self._build(resource_type, row, None if is_user else self._members(conn, [row.id])[row.id])
         version = row.version + 1
         stamp = now()
-        conn.execute(
-            update(table)
-            .where(table.c.id == row.id)
-            .values(version=version, doc=doc, updated_at=stamp, **columns)
-        )
+        updated = event_row(str(resource_type.name), row.id, version, kind, changed, stamp)
+        values = {"version": version, "doc": doc, "updated_at": stamp, **columns}
+        _write_with_event(conn, table, values, updated, row_id=row.id)
         _unit().rows.pop((table.name, row.id), None)
-        emit(conn, str(resource_type.name), row.id, version, kind, changed)
         if not is_user:
             return self._stored_copy(conn, resource_type, row.id)
         return self._stamped(resource, resource_type, row.id, row.created_at, stamp, version)

@@ -381,7 +381,9 @@ def test_canary_values_never_leave_home(system: System) -> None:
 
     # -- capture everything the hub wrote ------------------------------------------------------------------
     scrapes = {
-        "api": httpx.get(system.api + "/metrics", timeout=5).text,
+        "api": httpx.get(
+            system.api + "/metrics", headers={"Authorization": f"Bearer {system.token}"}, timeout=5
+        ).text,
         "worker": httpx.get(system.worker_metrics, timeout=5).text,
         "relay": httpx.get(system.relay_metrics, timeout=5).text,
     }

@@ -29,13 +29,11 @@ from tests.security.conftest import PgHub, assert_scim_error, fingerprint
 BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 SEARCH = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
 # Open without a token, on purpose: probes, this API's own description, and what RFC 7644 §4 says a
-# client reads before it authenticates. ``/metrics`` is scraped without credentials (Prometheus
-# convention) and carries aggregate counts only, which test_metrics_hold_no_personal_data checks.
+# client reads before it authenticates. ``/metrics`` needs a token with the metrics (or admin) scope.
 OPEN = {
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/openapi.json"),
-    ("GET", "/metrics"),
     ("GET", f"{SCIM_PREFIX}/ServiceProviderConfig"),
 }
 
@@ -309,7 +307,12 @@ def test_metrics_hold_no_personal_data(pg_hub: PgHub, world: dict[str, Any]) -> 
         f"/scim/v2/Users/{uid}",
         json={"schemas": [PATCH_SCHEMA], "Operations": [{"op": "replace", "path": "title", "value": "x"}]},
     )
-    scrape = TestClient(pg_hub.app).get("/metrics").text
+    scraper = TestClient(pg_hub.app)
+    assert scraper.get("/metrics").status_code == 401
+    read = {"Authorization": f"Bearer {world['tokens']['scim:read']}"}
+    assert scraper.get("/metrics", headers=read).status_code == 403
+    token = create_token(pg_hub.engine, f"prometheus-{_name()}", ["metrics"])
+    scrape = scraper.get("/metrics", headers={"Authorization": f"Bearer {token}"}).text
     assert "idhub" in scrape
     for secret in (email, uid, world["tokens"]["admin"].removeprefix(auth.PREFIX)):
         assert secret not in scrape

@@ -36,7 +36,7 @@ from tests.security.conftest import PgHub, fingerprint, scim_error_problems
 
 EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 30}
 MIN_REQUESTS = 1000
-OPEN = frozenset({"/healthz", "/readyz", "/openapi.json", "/metrics", "/scim/v2/ServiceProviderConfig"})
+OPEN = frozenset({"/healthz", "/readyz", "/openapi.json", "/scim/v2/ServiceProviderConfig"})
 CHECKS = [
     not_a_server_error,
     status_code_conformance,

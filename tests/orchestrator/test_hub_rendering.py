@@ -1,0 +1,148 @@
+"""The hub's shortcuts in rendering SCIM answers give exactly what scim2-server's own methods give.
+
+``HubService`` publishes resources without references on a shallow copy, dumps search results once, renders
+successful Bulk results without a BulkResponse model, and plans Bulk requests without ``bulkId:``
+references without looking for them. Each is compared here with the method it stands in for.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from scim2_models import BulkOperation, Context, InvalidValueException, Resource
+from scim2_server.bulk import BulkPlan
+from scim2_server.service import ScimService
+from scim2_server.storage import SearchPage
+
+from orchestrator.api import Hub, _PlainBulkPlan
+from orchestrator.scim import storage as scim_storage
+from tests.hub import GROUP_SCHEMA, SCIM, client, make_hub, user
+
+BASE = "http://testserver/scim/v2"
+ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Hub]]:
+    url = f"sqlite:///{tmp_path_factory.mktemp('rendering')}/hub.db"
+    app, engine = make_hub(url)
+    yield client(app, engine), app.state.hub
+    engine.dispose()
+
+
+def name() -> str:
+    return f"r{uuid.uuid4().hex[:10]}@rendering.example"
+
+
+def stored(hub: Hub, endpoint: str, resource_id: str) -> Resource[Any]:
+    resource_type = hub.service.resource_type_at(endpoint)
+    with hub.engine.connect() as conn, scim_storage.bind(conn):
+        return hub.storage.get(resource_type, resource_id)
+
+
+def resources(hub: tuple[TestClient, Hub]) -> list[tuple[str, Resource[Any]]]:
+    """A customer without references, one with a manager, and a group with a member."""
+    http, h = hub
+    plain = http.post("/scim/v2/Users", json=user(name(), nickName="p")).json()
+    manager = {"value": plain["id"], "$ref": f"Users/{plain['id']}"}
+    managed = user(name(), **{ENTERPRISE: {"manager": manager}})
+    managed["schemas"].append(ENTERPRISE)
+    with_manager = http.post("/scim/v2/Users", json=managed).json()
+    group = {"schemas": [GROUP_SCHEMA], "displayName": name(), "members": [{"value": plain["id"]}]}
+    created = http.post("/scim/v2/Groups", json=group).json()
+    assert with_manager[ENTERPRISE]["manager"]["$ref"].startswith(BASE)
+    return [
+        ("/Users", stored(h, "/Users", plain["id"])),
+        ("/Users", stored(h, "/Users", with_manager["id"])),
+        ("/Groups", stored(h, "/Groups", created["id"])),
+    ]
+
+
+def test_publish_matches_scim2_server(hub: tuple[TestClient, Hub]) -> None:
+    service = hub[1].service
+    context = Context.RESOURCE_QUERY_RESPONSE
+    for _, resource in resources(hub):
+        ours = service.publish(BASE, resource).model_dump(scim_ctx=context)
+        theirs = ScimService.publish(service, BASE, resource).model_dump(scim_ctx=context)
+        assert ours == theirs
+        assert ours["meta"]["location"].startswith(BASE)
+
+
+@pytest.mark.parametrize("query", [{}, {"attributes": "userName"}, {"excludedAttributes": "emails"}])
+def test_search_response_matches_scim2_server(hub: tuple[TestClient, Hub], query: dict[str, str]) -> None:
+    service = hub[1].service
+    users = [r for endpoint, r in resources(hub) if endpoint == "/Users"]
+    resource_types = [service.resource_type_at("/Users")]
+    search_request, _ = service.read_search_query(resource_types, query)
+    for page in (SearchPage(total=7, resources=users), SearchPage(total=0, resources=[])):
+        ours = service.search_response(BASE, resource_types, page, search_request)
+        theirs = ScimService.search_response(service, BASE, resource_types, page, search_request)
+        assert (ours.status, ours.headers) == (theirs.status, theirs.headers)
+        assert json.dumps(ours.body, sort_keys=True) == json.dumps(theirs.body, sort_keys=True)
+
+
+def test_bulk_response_matches_scim2_server(hub: tuple[TestClient, Hub]) -> None:
+    service = hub[1].service
+    plan = BulkPlan([], None)
+    location = f"{BASE}/Users/{uuid.uuid4()}"
+    plan.results = {
+        0: {"method": BulkOperation.Method.post, "bulk_id": "a", "location": location, "version": 'W/"1"'},
+        1: {"method": BulkOperation.Method.patch, "bulk_id": None, "location": location, "version": 'W/"2"'},
+        2: {"method": BulkOperation.Method.delete, "bulk_id": None, "location": location},
+    }
+    for result, status in zip(plan.results.values(), (201, 200, 204), strict=True):
+        result["status"] = HTTPStatus(status)
+    ours = service.bulk_response(plan)
+    theirs = ScimService.bulk_response(service, plan)
+    assert ours.status == theirs.status
+    assert ours.body == theirs.body
+
+
+def bulk_body(*operations: dict[str, Any]) -> bytes:
+    return json.dumps({"schemas": [BULK], "Operations": list(operations)}).encode()
+
+
+def test_bulk_plan_looks_for_references_only_when_the_payload_holds_some(
+    hub: tuple[TestClient, Hub],
+) -> None:
+    service = hub[1].service
+    creation = {"method": "POST", "path": "/Users", "bulkId": "u", "data": user(name())}
+    plain = service.read_bulk(bulk_body(creation), SCIM)
+    assert isinstance(plain, _PlainBulkPlan)
+    group = {"schemas": [GROUP_SCHEMA], "displayName": name(), "members": [{"value": "bulkId:u"}]}
+    # The group comes first in the request: the plan must still create the customer before it.
+    referencing = {"method": "POST", "path": "/Groups", "bulkId": "g", "data": group}
+    planned = service.read_bulk(bulk_body(referencing, creation), SCIM)
+    assert type(planned) is BulkPlan
+    assert [step.index for step in planned] == [1, 0]
+
+
+def test_a_reused_bulk_id_is_still_refused_without_references(hub: tuple[TestClient, Hub]) -> None:
+    service = hub[1].service
+    first = {"method": "POST", "path": "/Users", "bulkId": "same", "data": user(name())}
+    second = {"method": "POST", "path": "/Users", "bulkId": "same", "data": user(name())}
+    plan = service.read_bulk(bulk_body(first, second), SCIM)
+    assert isinstance(plan, _PlainBulkPlan)
+    steps = list(plan)
+    assert plan.resolve(steps[0]) is plan.operation(steps[0])
+    with pytest.raises(InvalidValueException):
+        plan.resolve(steps[1])
+
+
+def test_the_hub_answers_a_search_with_its_resources(hub: tuple[TestClient, Hub]) -> None:
+    http, _ = hub
+    wanted = name()
+    created = http.post("/scim/v2/Users", json=user(wanted)).json()
+    found = http.get("/scim/v2/Users", params={"filter": f'userName eq "{wanted}"'}).json()
+    assert found["totalResults"] == found["itemsPerPage"] == 1
+    assert found["Resources"][0]["id"] == created["id"]
+    assert found["Resources"][0]["meta"]["location"] == f"{BASE}/Users/{created['id']}"
+    assert Path(found["Resources"][0]["meta"]["location"]).name == created["id"]
