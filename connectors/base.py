@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from connectors.errors import PermanentError
+
 
 class DeprovisionAction(StrEnum):
     DELETE = "delete"  # remove the remote account (archive where the API only archives)
@@ -89,13 +91,25 @@ class Connector(ABC):
 
         Raises a SyncError only when the whole batch failed (e.g. RetryableError on a 429).
         """
-        out: list[Result | Exception] = []
-        for record in records:
-            try:
-                out.append(self.upsert(record))
-            except Exception as exc:
-                out.append(exc)
-        return out
+        return self.upsert_rest(records, [None] * len(records))
+
+    def upsert_rest(
+        self, records: Sequence[Record], out: list[Result | Exception | None]
+    ) -> list[Result | Exception]:
+        """``out`` of a batch call with each record it left open (None) upserted on its own."""
+        for i, record in enumerate(records):
+            if out[i] is None:
+                try:
+                    out[i] = self.upsert(record)
+                except Exception as exc:  # collected per record, classified by the caller
+                    out[i] = exc
+        return [r for r in out if r is not None]
+
+    def locate(self, record: Record) -> str | None:
+        """The record's remote id: the ledger's, else the account found by its matching key, else None."""
+        if record.remote_id:
+            return record.remote_id
+        return self.find(record.match_key) if record.match_key else None
 
     @abstractmethod
     def deprovision(self, record: Record, action: DeprovisionAction) -> Result:
@@ -123,8 +137,9 @@ class Connector(ABC):
         """Create or update a group with exactly these members (only when ``supports_groups``)."""
         raise NotImplementedError
 
-    def delete_group(self, remote_id: str) -> Result:
-        """Delete a group (only when ``supports_groups``)."""
+    def delete_group(self, group_id: str, remote_id: str | None = None) -> Result:
+        """Delete a group (only when ``supports_groups``); without ``remote_id`` it is looked up by
+        ``group_id``, as a create whose answer was lost left it. Outcome ``absent`` when there is none."""
         raise NotImplementedError
 
     @abstractmethod
@@ -145,3 +160,11 @@ class ConnectorSettings:
     timeout: float = 10.0
     max_connections: int = 10
     options: Mapping[str, Any] = field(default_factory=dict)  # connector-specific keys (list_id, ...)
+
+
+def email_of(record: Record, field: str) -> str:
+    """The record's e-mail address (its mapped ``field``, else its matching key); PermanentError without."""
+    email = record.attributes.get(field) or record.match_key
+    if not isinstance(email, str) or not email:
+        raise PermanentError("record has no e-mail address", code="no_email")
+    return email

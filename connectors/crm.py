@@ -126,17 +126,11 @@ class CrmConnector(Connector):
                     out[i] = Result(str(hit["id"]), "created" if hit.get("new") else "updated")
                 else:
                     out[i] = failed.get(email, _unknown())
-        for i, record in enumerate(records):
-            if out[i] is None:  # a second record with an e-mail already in this batch
-                try:
-                    out[i] = self.upsert(record)
-                except SyncError as exc:
-                    out[i] = exc
-        return [r for r in out if r is not None]
+        return self.upsert_rest(records, out)  # open ones: a second record with an e-mail of this batch
 
     # -- deprovision --------------------------------------------------------------------------------
     def deprovision(self, record: Record, action: DeprovisionAction) -> Result:
-        remote_id = record.remote_id or (self.find(record.match_key) if record.match_key else None)
+        remote_id = self.locate(record)
         if remote_id is None:
             return Result(None, "absent")
         path = f"{BASE}/{remote_id}"

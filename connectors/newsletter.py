@@ -32,6 +32,7 @@ from connectors.base import (
     Record,
     RemoteAccount,
     Result,
+    email_of,
 )
 from connectors.errors import GoneError, PermanentError
 from connectors.http import make_client, send
@@ -69,7 +70,7 @@ class NewsletterConnector(Connector):
 
     # -- upsert -------------------------------------------------------------------------------------
     def upsert(self, record: Record) -> Result:
-        email = self._email(record)
+        email = email_of(record, "email_address")
         key = subscriber_hash(email)
         if record.remote_id and record.remote_id != key:  # the address changed
             send(self.client, "DELETE", f"{self.members}/{record.remote_id}", expect={404})
@@ -91,7 +92,7 @@ class NewsletterConnector(Connector):
         members: list[dict[str, Any]] = []
         for i in batched:
             try:
-                email = self._email(records[i])
+                email = email_of(records[i], "email_address")
             except PermanentError as exc:
                 out[i] = exc
                 continue
@@ -106,7 +107,7 @@ class NewsletterConnector(Connector):
             for i in batched:
                 if out[i] is not None:
                     continue
-                email = self._email(records[i]).lower()
+                email = email_of(records[i], "email_address").lower()
                 error = errors.get(email)
                 if email in created:
                     out[i] = Result(subscriber_hash(email), "created")
@@ -114,13 +115,7 @@ class NewsletterConnector(Connector):
                     out[i] = Result(subscriber_hash(email), "updated")
                 elif error is not None and error.get("error_code") != "ERROR_CONTACT_EXISTS":
                     out[i] = _batch_error(error)
-        for i, record in enumerate(records):
-            if out[i] is None:  # known or already-existing members: one PATCH/PUT each
-                try:
-                    out[i] = self.upsert(record)
-                except Exception as exc:  # collected per record, classified by the caller
-                    out[i] = exc
-        return [r for r in out if r is not None]
+        return self.upsert_rest(records, out)  # open ones: known or existing members, one PATCH/PUT each
 
     # -- deprovision --------------------------------------------------------------------------------
     def deprovision(self, record: Record, action: DeprovisionAction) -> Result:
@@ -178,12 +173,6 @@ class NewsletterConnector(Connector):
         self.client.close()
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _email(self, record: Record) -> str:
-        email = record.attributes.get("email_address") or record.match_key
-        if not isinstance(email, str) or not email:
-            raise PermanentError("record has no e-mail address", code="no_email")
-        return email
-
     def _key_of(self, record: Record) -> str | None:
         email = record.attributes.get("email_address") or record.match_key
         return subscriber_hash(email) if isinstance(email, str) and email else None

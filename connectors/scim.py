@@ -259,8 +259,14 @@ class ScimConnector(Connector):
             send(self.client, "PATCH", f"Groups/{remote_id}", **_body(_patch(ops)))
         return Result(remote_id, outcome)
 
-    def delete_group(self, remote_id: str) -> Result:
-        """Delete a group; an absent one gives outcome ``absent``."""
+    def delete_group(self, group_id: str, remote_id: str | None = None) -> Result:
+        """Delete a group, found by externalId when its id is not known; an absent one gives ``absent``."""
+        if not remote_id:
+            # Never by displayName here: another group may carry the name, and deleting it would be wrong.
+            found = self._search("Groups", f'externalId eq "{escape(group_id)}"', 1)
+            if not found:
+                return Result(None, "absent")
+            remote_id = str(found[0]["id"])
         response = send(self.client, "DELETE", f"Groups/{remote_id}", expect={404})
         return Result(remote_id, "absent" if response.status_code == 404 else "deprovisioned")
 
@@ -431,7 +437,10 @@ class ScimConnector(Connector):
 
     def _find_group(self, group_id: str, display_name: str) -> str | None:
         found = self._search("Groups", f'externalId eq "{escape(group_id)}"', 1)
-        found = found or self._search("Groups", f'displayName eq "{escape(display_name)}"', 1)
+        if not found:
+            # A namesake is adopted only when no other hub group owns it, or two hub groups would merge.
+            named = self._search("Groups", f'displayName eq "{escape(display_name)}"', 10)
+            found = [g for g in named if not g.get("externalId")]
         return str(found[0]["id"]) if found else None
 
 

@@ -26,6 +26,7 @@ from connectors.base import (
     Record,
     RemoteAccount,
     Result,
+    email_of,
 )
 from connectors.errors import GoneError, PermanentError, SyncError
 from connectors.http import make_client, send
@@ -75,7 +76,7 @@ class ShopConnector(Connector):
         if record.remote_id:
             send(self.client, "PUT", f"customers/{record.remote_id}", json=body)
             return Result(record.remote_id, "updated")
-        email = self._email(record)
+        email = email_of(record, "email")
         existing = self.find(email)
         if existing is None:
             try:
@@ -107,17 +108,11 @@ class ShopConnector(Connector):
         for i, item in zip(updates, answer.get("update", []), strict=False):
             error = item.get("error")
             out[i] = Result(str(records[i].remote_id), "updated") if error is None else _item_error(error)
-        for i, record in enumerate(records):
-            if out[i] is None:  # the e-mail exists already: adopt it
-                try:
-                    out[i] = self.upsert(record)
-                except SyncError as exc:
-                    out[i] = exc
-        return [r for r in out if r is not None]
+        return self.upsert_rest(records, out)  # open ones: the e-mail exists already, adopt it
 
     # -- deprovision --------------------------------------------------------------------------------
     def deprovision(self, record: Record, action: DeprovisionAction) -> Result:
-        remote_id = record.remote_id or (self.find(record.match_key) if record.match_key else None)
+        remote_id = self.locate(record)
         if remote_id is None:
             return Result(None, "absent")
         path = f"customers/{remote_id}"
@@ -175,16 +170,10 @@ class ShopConnector(Connector):
         self.client.close()
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _email(self, record: Record) -> str:
-        email = record.attributes.get("email") or record.match_key
-        if not isinstance(email, str) or not email:
-            raise PermanentError("record has no e-mail address", code="no_email")
-        return email
-
     def _body(self, record: Record) -> dict[str, Any]:
         body = dict(record.attributes)
         if not record.remote_id:
-            body["email"] = self._email(record)
+            body["email"] = email_of(record, "email")
         body["meta_data"] = [
             *body.get("meta_data", []),
             {"key": "idhub_id", "value": record.identity_id},

@@ -20,7 +20,12 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IDHUB_", extra="ignore")
 
-    lease_seconds: float = Field(default=300.0, gt=0, description="A delivery lease; outlasts a batch call.")
+    # Leases and slots are renewed while a delivery runs, so they only need to outlast a renewal beat:
+    # short ones free what a killed worker held soon.
+    lease_seconds: float = Field(default=60.0, gt=0, description="A delivery lease, renewed while it runs.")
+    slot_ttl_seconds: float = Field(
+        default=15.0, gt=0, description="A concurrency slot's life, renewed while its delivery runs."
+    )
     stale_after_seconds: float = Field(
         default=60.0, gt=0, description="A due row enqueued this long ago is enqueued again by the sweeper."
     )
@@ -73,7 +78,9 @@ def make_app(broker_url: str, tuning: WorkerSettings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A delivery cut off from the broker finishes and records its outcome under its lease (the message
+        # comes again and finds the row done); cancelling it mid-call would leave an unknown outcome.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,

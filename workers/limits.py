@@ -9,6 +9,7 @@ Both read the clock of Redis (``TIME``), never the workers', so skewed hosts sha
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -174,17 +175,30 @@ class ConcurrencySlots:
     ) -> Iterator[str]:
         """Hold a slot for the ``with`` block, waiting up to ``wait`` seconds; SlotUnavailable otherwise.
 
-        ``ttl`` must outlast the block (or be extended with ``refresh``): it is what frees the slot of a
-        worker that died inside it.
+        The slot is refreshed every third of ``ttl`` while the block runs, so a long block keeps it and a
+        worker killed inside it frees it within ``ttl``: keep ``ttl`` short.
         """
         deadline = time.monotonic() + wait
         while (token := self.acquire(target, limit, ttl)) is None:
             if time.monotonic() >= deadline:
                 raise SlotUnavailable(f"all {limit} slots of target {target} are busy")
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        stop = threading.Event()
+
+        def keep() -> None:
+            while not stop.wait(ttl / 3):
+                try:
+                    self.refresh(target, token, ttl)
+                except redis.RedisError:  # Redis away a moment: the next beat tries again
+                    continue
+
+        keeper = threading.Thread(target=keep, name="idhub-slot", daemon=True)
+        keeper.start()
         try:
             yield token
         finally:
+            stop.set()
+            keeper.join()
             self.release(target, token)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
@@ -10,7 +11,7 @@ from orchestrator import relay, sync
 from orchestrator.db import now
 from workers.app import app
 from workers.base import IdhubTask, log
-from workers.limits import ConcurrencySlots, RateLimiter
+from workers.limits import ConcurrencySlots, RateLimiter, SlotUnavailable
 
 # A delivery held back by a rate limit or a busy concurrency slot comes back after at most this long.
 REQUEUE_MAX = 2.0
@@ -49,16 +50,16 @@ def deliver(self: IdhubTask, target: str, identity_ids: list[str]) -> None:
                 {target: identity_ids}, countdown=min(wait, REQUEUE_MAX), reason="rate_limited"
             )
             return
-    slots = ConcurrencySlots(store) if store is not None else None
-    token = slots.acquire(target, cfg.concurrency, ttl=lease) if slots is not None else None
-    if slots is not None and token is None:
+    try:
+        with (
+            ConcurrencySlots(store).slot(target, cfg.concurrency, ttl=self.tuning.slot_ttl_seconds)
+            if store is not None
+            else nullcontext()
+        ):
+            self.deliver_batch(cfg, ids, lease)
+    except SlotUnavailable:
         self.enqueue_deliveries({target: identity_ids}, countdown=0.2, reason="busy")
         return
-    try:
-        self.deliver_batch(cfg, ids, lease)
-    finally:
-        if slots is not None and token is not None:
-            slots.release(target, token)
     if len(ids) < len(identity_ids):
         self.enqueue_deliveries({target: identity_ids[len(ids) :]})
 

@@ -6,6 +6,7 @@ Imported by ``workers.base``, so every process that loads the tasks is wired:
   Celery's own handlers (``IDHUB_LOG_LEVEL`` when set, else the worker's ``--loglevel``).
 - ``worker_init`` (the worker's main process, before the pool forks): empties ``PROMETHEUS_MULTIPROC_DIR``
   and serves the metrics on ``IDHUB_METRICS_PORT`` (see ``orchestrator.metrics``).
+- ``celeryd_after_setup``: silences one notice about a setting idhub sets explicitly.
 - ``worker_process_shutdown``: a pool child is gone; multiprocess mode forgets its live gauges.
 
 ``start_process()`` does the same for a plain process (the relay).
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 from celery import signals
+from celery.exceptions import CPendingDeprecationWarning
 
 from orchestrator import logs, metrics
 
@@ -39,6 +42,18 @@ def _worker_init(sender: Any = None, **_: Any) -> None:
         log.warning(
             "metrics: a prefork worker needs PROMETHEUS_MULTIPROC_DIR, or its children's samples are lost"
         )
+
+
+@signals.celeryd_after_setup.connect  # type: ignore[untyped-decorator]
+def _quiet_setting_notice(**_: Any) -> None:
+    # Celery (once its logging is set up) warns on every broker connection loss that the default of
+    # worker_cancel_long_running_tasks_on_connection_loss changes in 6.0; workers.app sets it explicitly, so
+    # the notice says nothing and would flood the log through a broker outage. Pool children inherit this.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"\s*In Celery 5\.1 we introduced an optional breaking change",
+        category=CPendingDeprecationWarning,
+    )
 
 
 @signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]

@@ -364,8 +364,18 @@ def test_groups_with_members(scim: ScimConnector, admin: httpx.Client) -> None:
     assert (held["displayName"], [m["value"] for m in held["members"]]) == ("Gold", [b])
     assert scim.upsert_group("g-1", "Gold", []) == Result(gid, "adopted")  # found by externalId
     assert "members" not in admin.get(f"/Groups/{gid}").json()
-    assert scim.delete_group(gid).outcome == "deprovisioned"
-    assert scim.delete_group(gid).outcome == "absent"
+    assert scim.delete_group("g-1", gid).outcome == "deprovisioned"
+    assert scim.delete_group("g-1", gid).outcome == "absent"
+
+
+def test_group_delete_without_remote_id_finds_it_by_hub_id(scim: ScimConnector, admin: httpx.Client) -> None:
+    # A create whose answer was lost: the ledger has no remote id, the target has the group.
+    lost = str(scim.upsert_group("g-lost", "Silver", []).remote_id)
+    namesake = str(scim.upsert_group("g-other", "Silver", []).remote_id)
+    assert scim.delete_group("g-lost") == Result(lost, "deprovisioned")
+    assert admin.get(f"/Groups/{lost}").status_code == 404
+    assert admin.get(f"/Groups/{namesake}").status_code == 200  # same name, another hub group: kept
+    assert scim.delete_group("g-lost") == Result(None, "absent")
 
 
 def test_filter_values_are_escaped(scim: ScimConnector) -> None:

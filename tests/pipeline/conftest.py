@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,16 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import Engine, delete, select
 
 from orchestrator.db import identities, make_engine, metadata
 from orchestrator.ledger import sync_ledger
+from orchestrator.relay import run_forever
 from orchestrator.scim.storage import tombstone
 from orchestrator.targets import TargetConfig, parse_targets
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.pipeline.recording import RecordingTarget
 from tests.services import REDIS_URL
 from tests.store import write_user
+from workers.app import make_app
+from workers.base import publisher
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -198,8 +203,6 @@ class Workers:
 @pytest.fixture(scope="module")
 def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A Redis database of this module, flushed before and after."""
-    import redis
-
     number = 1 + (os.getpid() + sum(map(ord, request.module.__name__))) % 15
     url = f"{REDIS_URL}/{number}"
     client = redis.Redis.from_url(url)
@@ -224,3 +227,25 @@ def workers(
     pool = Workers(store[0], broker_url, targets_file, plugin_path, tmp)
     yield pool
     pool.stop_all()
+
+
+@pytest.fixture(scope="module")
+def relay(store: tuple[str, Engine], broker_url: str) -> Iterator[None]:
+    """The relay, running as it does in production (polling behind LISTEN/NOTIFY)."""
+    stop = threading.Event()
+    app = make_app(broker_url)
+    thread = threading.Thread(
+        target=run_forever, args=(store[1], publisher(app)), kwargs={"stop": stop, "poll_interval": 0.1}
+    )
+    thread.start()
+    yield
+    stop.set()
+    thread.join(10)
+
+
+@pytest.fixture
+def pool(clean: Engine, workers: Workers, broker_url: str) -> Iterator[Workers]:
+    with redis.Redis.from_url(broker_url) as client:
+        client.flushdb()
+    yield workers
+    workers.stop_all()

@@ -3,42 +3,15 @@ Workers are killed, Redis is flushed, a target is slowed; the ledger still bring
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-
 import pytest
 import redis
 from sqlalchemy import Engine, func, select
 
 from orchestrator.db import identities, outbox
-from orchestrator.relay import run_forever
 from tests.pipeline.conftest import Workers, delete_user, put_user, wait_for
 from tests.pipeline.recording import RecordingTarget
-from workers.app import make_app
-from workers.base import publisher
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def relay(store: tuple[str, Engine], broker_url: str) -> Iterator[None]:
-    """The relay, running as it does in production (polling behind LISTEN/NOTIFY)."""
-    stop = threading.Event()
-    app = make_app(broker_url)
-    thread = threading.Thread(
-        target=run_forever, args=(store[1], publisher(app)), kwargs={"stop": stop, "poll_interval": 0.1}
-    )
-    thread.start()
-    yield
-    stop.set()
-    thread.join(10)
-
-
-@pytest.fixture
-def pool(clean: Engine, workers: Workers, broker_url: str) -> Iterator[Workers]:
-    redis.Redis.from_url(broker_url).flushdb()
-    yield workers
-    workers.stop_all()
 
 
 def _synced(rec: RecordingTarget, uid: str, version: int) -> bool:

@@ -152,6 +152,17 @@ def test_slot_context_manager_waits_then_gives_up(client: redis.Redis) -> None:
         assert slots.held("app") == 1
 
 
+def test_a_slot_outlives_its_ttl_while_its_block_runs(client: redis.Redis) -> None:
+    slots = ConcurrencySlots(client)
+    with slots.slot("app", 1, ttl=0.3):
+        # Three TTLs later the block still holds it: the keeper refreshed it meanwhile.
+        deadline = time.monotonic() + 0.9
+        while time.monotonic() < deadline:
+            assert slots.acquire("app", 1, ttl=30) is None
+            time.sleep(0.05)
+    assert slots.held("app") == 0
+
+
 def _hold_slot(
     redis_url: str, hold: float, start: Any, out: multiprocessing.Queue[tuple[float, float]]
 ) -> None:
