@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -91,8 +92,13 @@ class Tuning:
     groups: list[str] = field(default_factory=lambda: ["fanout,admin", "targets"])
     concurrency: int = 2
     pool: str = "prefork"
-    batch_size: int = 100
+    # Records per delivery: the ledger statements of one delivery serve this many (calls are split by each
+    # target's own batch limit).
+    batch_size: int = 250
     sweep_interval: float = 5.0
+    # Deliveries one target may have in flight at once (its ``concurrency``); 0: one per worker process
+    # that serves the target queues, so no delivery waits for a slot another process of ours holds.
+    target_concurrency: int = 0
 
     @classmethod
     def from_env(cls) -> Tuning:
@@ -102,15 +108,37 @@ class Tuning:
             groups=[g.strip() for g in groups.split(";") if g.strip()] if groups else cls().groups,
             concurrency=env_int("BENCH_WORKER_CONCURRENCY", 2),
             pool=os.environ.get("BENCH_WORKER_POOL") or "prefork",
-            batch_size=env_int("BENCH_BATCH_SIZE", 100),
+            batch_size=env_int("BENCH_BATCH_SIZE", 250),
             sweep_interval=env_float("BENCH_SWEEP_INTERVAL", 5.0),
+            target_concurrency=env_int("BENCH_TARGET_CONCURRENCY", 0),
         )
 
+    def describe(self) -> dict[str, Any]:
+        """The tuning a result was measured with (the resolved per-target concurrency included)."""
+        return {
+            **dataclasses.asdict(self),
+            "target_concurrency": self.slots,
+            "app_update": os.environ.get("BENCH_APP_UPDATE_METHOD") or "connector default",
+        }
 
-def targets_yaml(urls: dict[str, str], batch_size: int) -> str:
+    @property
+    def slots(self) -> int:
+        """Each target's ``concurrency`` in the targets file."""
+        serving = sum("targets" in g.split(",") or "target." in g for g in self.groups)
+        return self.target_concurrency or max(1, serving * self.concurrency)
+
+
+def app_options() -> str:
+    """The SCIM app's connector options: BENCH_APP_UPDATE_METHOD=put updates by PUT, which costs the app
+    about a third of a PATCH that replaces every mapped attribute; unset, the connector decides (PATCH)."""
+    method = os.environ.get("BENCH_APP_UPDATE_METHOD")
+    return f"\n    options: {{update_method: {method}}}" if method else ""
+
+
+def targets_yaml(urls: dict[str, str], batch_size: int, concurrency: int = 1) -> str:
     """The targets file: the SCIM app, the shop, the newsletter (scoped by consent) and the CRM."""
     blocks = {
-        "app": f"connector: scim\n    url: {urls.get('app')}\n    token_env: BENCH_APP_TOKEN",
+        "app": f"connector: scim\n    url: {urls.get('app')}\n    token_env: BENCH_APP_TOKEN{app_options()}",
         "shop": f"connector: shop\n    url: {urls.get('shop')}\n    token_env: BENCH_SHOP_TOKEN",
         "newsletter": (
             f"connector: newsletter\n    url: {urls.get('newsletter')}\n    token_env: BENCH_NEWSLETTER_TOKEN"
@@ -121,6 +149,7 @@ def targets_yaml(urls: dict[str, str], batch_size: int) -> str:
     out = "targets:\n"
     for kind in urls:
         out += f"  - name: {kind}\n    {blocks[kind]}\n    batch_size: {batch_size}\n"
+        out += f"    concurrency: {concurrency}\n"
     return out
 
 
@@ -300,7 +329,7 @@ class World:
             else:
                 self._start_sim(kind)
         self.targets_file = self.work / "targets.yaml"
-        self.targets_file.write_text(targets_yaml(self.urls, self.tuning.batch_size))
+        self.targets_file.write_text(targets_yaml(self.urls, self.tuning.batch_size, self.tuning.slots))
         from connectors.sandbox import runner
 
         self.env = {

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, delete, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, literal_column, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
@@ -57,7 +57,6 @@ HUB = gdpr.HUB
 # Rows of raised priority (consent changes) a delivery takes on top of the ids it was asked for, so they
 # jump a backlog queued ahead of them; bounded because those calls come on top of the rate-limit tokens.
 _URGENT_PER_CALL = 10
-_CHUNK = 500
 log = logging.getLogger(__name__)
 
 
@@ -148,37 +147,40 @@ def _desired(
 
 
 def _upsert_desired(conn: Connection, values: list[dict[str, Any]], now: datetime) -> list[tuple[str, str]]:
-    """Insert or raise desired versions in multi-row statements; returns the rows that changed."""
-    out: list[tuple[str, str]] = []
+    """Insert or raise desired versions; returns the rows that changed.
+
+    One statement compiled once and sent as an executemany, which SQLAlchemy turns into multi-row INSERTs
+    ("insertmanyvalues"): a ``.values(list)`` statement is compiled anew for every batch, and with a dozen
+    columns per row that compilation cost more than the database's work."""
+    if not values:
+        return []
     dialect_insert = postgresql.insert if is_postgres(conn) else sqlite.insert
-    for start in range(0, len(values), _CHUNK):
-        ins = dialect_insert(sync_ledger).values(values[start : start + _CHUNK])
-        ex = ins.excluded
-        was_dead = L.status == Status.DEAD.value
-        stmt = ins.on_conflict_do_update(
-            index_elements=[L.target, L.identity_id],
-            set_={
-                "desired_version": ex.desired_version,
-                "desired_action": ex.desired_action,
-                # A newer version re-arms a dead letter; a row in back-off keeps its back-off.
-                "status": case((L.status == Status.RETRYING.value, L.status), else_=Status.PENDING.value),
-                "attempts": case((was_dead, 0), else_=L.attempts),
-                "next_attempt_at": case((was_dead, None), else_=L.next_attempt_at),
-                "first_failure_at": case((was_dead, None), else_=L.first_failure_at),
-                # A raised priority holds until it is delivered; a later ordinary change must not lower it.
-                "priority": case(
-                    (and_(L.synced_version.is_not(None), L.synced_version >= L.desired_version), ex.priority),
-                    (L.priority > ex.priority, L.priority),
-                    else_=ex.priority,
-                ),
-                "enqueued_at": now,
-                "updated_at": now,
-            },
-            # desired_version only ever grows: an older event changes nothing.
-            where=L.desired_version < ex.desired_version,
-        ).returning(L.target, L.identity_id)
-        out.extend((r.target, r.identity_id) for r in conn.execute(stmt))
-    return out
+    ins = dialect_insert(sync_ledger)
+    ex = ins.excluded
+    was_dead = L.status == Status.DEAD.value
+    stmt = ins.on_conflict_do_update(
+        index_elements=[L.target, L.identity_id],
+        set_={
+            "desired_version": ex.desired_version,
+            "desired_action": ex.desired_action,
+            # A newer version re-arms a dead letter; a row in back-off keeps its back-off.
+            "status": case((L.status == Status.RETRYING.value, L.status), else_=Status.PENDING.value),
+            "attempts": case((was_dead, 0), else_=L.attempts),
+            "next_attempt_at": case((was_dead, None), else_=L.next_attempt_at),
+            "first_failure_at": case((was_dead, None), else_=L.first_failure_at),
+            # A raised priority holds until it is delivered; a later ordinary change must not lower it.
+            "priority": case(
+                (and_(L.synced_version.is_not(None), L.synced_version >= L.desired_version), ex.priority),
+                (L.priority > ex.priority, L.priority),
+                else_=ex.priority,
+            ),
+            "enqueued_at": now,
+            "updated_at": now,
+        },
+        # desired_version only ever grows: an older event changes nothing.
+        where=L.desired_version < ex.desired_version,
+    ).returning(L.target, L.identity_id)
+    return [(r.target, r.identity_id) for r in conn.execute(stmt, values)]
 
 
 def _current_users(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
@@ -280,43 +282,52 @@ def deliver(
     now: datetime | None = None,
     owner: str,
     lease: timedelta = timedelta(minutes=5),
+    coalesce: bool = False,
 ) -> DeliveryReport:
     """Push the current state of the due rows among ``identity_ids`` to one target and record the outcomes.
 
     ``owner`` must be unique per attempt; ``lease`` is renewed while the calls run, so it only says how long
-    the rows of a worker that died stay taken.
+    the rows of a worker that died stay taken. ``coalesce`` fills a batch short of the target's batch size
+    with other pending rows of the target: under a stream of small changes, one delivery carries what many
+    queued deliveries were enqueued for, and those then find their rows done and return at once.
     """
     report = DeliveryReport(cfg.name)
-    for chunk in _urgent_first(engine, cfg, list(dict.fromkeys(identity_ids)), now or utcnow()):
-        stamp = now or utcnow()
-        state = _target_state(engine, cfg.name)
-        if state is not None and state.disabled:
-            report.disabled = True
-            return report
-        if state is not None and state.quarantined_until is not None:
-            report.quarantined = True
-            return report
-        _deliver_chunk(engine, cfg, connector, chunk, stamp, owner, lease, report)
+    ids = list(dict.fromkeys(identity_ids))
+    for chunk in _urgent_first(engine, cfg, ids, now or utcnow(), coalesce=coalesce):
+        _deliver_chunk(engine, cfg, connector, chunk, now or utcnow(), owner, lease, report)
         if report.disabled or report.quarantined:
             return report
     return report
 
 
-def _urgent_first(engine: Engine, cfg: TargetConfig, ids: list[str], now: datetime) -> list[list[str]]:
+def _urgent_first(
+    engine: Engine, cfg: TargetConfig, ids: list[str], now: datetime, *, coalesce: bool = False
+) -> list[list[str]]:
     """Delivery chunks: the target's due rows of raised priority first, in a chunk of their own (up to
-    ``_URGENT_PER_CALL`` of them beyond ``ids``), then ``ids`` in chunks of the target's batch size."""
+    ``_URGENT_PER_CALL`` of them beyond ``ids``), then ``ids`` in chunks of the target's batch size (topped
+    up with other pending rows of the target when ``coalesce``)."""
+    size = cfg.batch_size
     with engine.connect() as conn:
         urgent = list(
             conn.scalars(
                 select(L.identity_id)
-                .where(L.target == cfg.name, L.priority > 0, _due(now), _lease_free(now))
+                # The constant inline, so the planner can match the partial index ix_sync_ledger_urgent.
+                .where(L.target == cfg.name, L.priority > literal_column("0"), _due(now), _lease_free(now))
                 .order_by(L.updated_at)
                 .limit(_URGENT_PER_CALL)
             )
         )
-    taken = set(urgent)
-    rest = [i for i in ids if i not in taken]
-    size = cfg.batch_size
+        taken = set(urgent)
+        rest = [i for i in ids if i not in taken]
+        if coalesce and len(rest) < size:
+            # Pending only (a row in back-off waits for its time): the due index narrows the search to them.
+            known = taken | set(ids)
+            more = conn.scalars(
+                select(L.identity_id)
+                .where(L.target == cfg.name, L.status == Status.PENDING.value, _due(now), _lease_free(now))
+                .limit(size + len(known))
+            )
+            rest += [i for i in more if i not in known][: size - len(rest)]
     chunks = [urgent[s : s + size] for s in range(0, len(urgent), size)]
     return chunks + [rest[s : s + size] for s in range(0, len(rest), size)]
 
@@ -331,7 +342,13 @@ def _deliver_chunk(
     lease: timedelta,
     report: DeliveryReport,
 ) -> None:
+    # The target's health, the lease and the current state of what it took, in one transaction.
     with engine.begin() as conn:
+        state = conn.execute(select(target_state).where(target_state.c.target == cfg.name)).first()
+        if state is not None and (state.disabled or state.quarantined_until is not None):
+            report.disabled = bool(state.disabled)
+            report.quarantined = not state.disabled
+            return
         rows = list(
             conn.execute(
                 update(sync_ledger)
@@ -340,11 +357,11 @@ def _deliver_chunk(
                 .returning(*sync_ledger.c)
             )
         )
+        jobs, purged = _plan(conn, cfg, connector, rows) if rows else ([], [])
     taken = {r.identity_id for r in rows}
     report.not_due.extend(i for i in ids if i not in taken)
     if not rows:
         return
-    jobs, purged = _plan(engine, cfg, connector, rows)
     pending = [
         Candidate(j.row, j.action, j.version) for j in jobs if j.result is None and j.resource_type == "User"
     ]
@@ -442,15 +459,14 @@ def _find_lost_creates(connector: Connector, jobs: list[_Job], report: DeliveryR
 
 
 def _plan(
-    engine: Engine, cfg: TargetConfig, connector: Connector, rows: list[Any]
+    conn: Connection, cfg: TargetConfig, connector: Connector, rows: list[Any]
 ) -> tuple[list[_Job], list[str]]:
     """Read the current state of the leased rows in one go and decide what each needs."""
     user_ids = [r.identity_id for r in rows if r.resource_type == "User"]
     group_ids = [r.identity_id for r in rows if r.resource_type == "Group"]
-    with engine.connect() as conn:
-        users = _current_users(conn, user_ids)
-        grps = _current_groups(conn, group_ids)
-        members = _members(conn, cfg.name, list(grps)) if grps and connector.supports_groups else {}
+    users = _current_users(conn, user_ids)
+    grps = _current_groups(conn, group_ids)
+    members = _members(conn, cfg.name, list(grps)) if grps and connector.supports_groups else {}
     mapper = _mapper(cfg, connector)
     jobs: list[_Job] = []
     purged: list[str] = []
@@ -559,7 +575,7 @@ def _digest(action: str, attrs: Mapping[str, Any]) -> str:
 def _call(cfg: TargetConfig, connector: Connector, jobs: list[_Job], report: DeliveryReport) -> bool:
     """Call the target for every job, storing a result or an error on each; True when it disabled us."""
     upserts = [j for j in jobs if j.action == UPSERT and j.resource_type == "User"]
-    others = [j for j in jobs if j not in upserts]
+    others = [j for j in jobs if not (j.action == UPSERT and j.resource_type == "User")]
     try:
         if connector.supports_batch and len(upserts) > 1:
             size = max(1, min(cfg.batch_size, connector.max_batch))
@@ -607,9 +623,8 @@ def _apply(connector: Connector, job: _Job) -> Result:
             return connector.upsert_group(
                 rec.identity_id, attrs["displayName"], attrs["members"], rec.remote_id
             )
-        if rec.remote_id is None:
-            return Result(None, "absent")
-        return connector.delete_group(rec.remote_id)
+        # No remote id may still mean a create whose answer was lost: the connector looks it up by hub id.
+        return connector.delete_group(rec.identity_id, rec.remote_id)
     if job.action == UPSERT:
         return connector.upsert(rec)
     try:
@@ -778,7 +793,8 @@ def _record(
             _state(conn, cfg.name, now, disabled=True)
             report.disabled = True
         finish_erasures(conn, [j.row.identity_id for j in jobs if j.resource_type == "User"], now)
-    if disabled or _is_quarantined(engine, cfg.name):
+        quarantined = _is_quarantined(conn, cfg.name)
+    if disabled or quarantined:
         report.quarantined = report.quarantined or not disabled
 
 
@@ -917,13 +933,8 @@ def _lease_free(now: datetime) -> ColumnElement[bool]:
 # ---------------------------------------------------------------------------------- target health
 
 
-def _target_state(engine: Engine, target: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(select(target_state).where(target_state.c.target == target)).first()
-
-
-def _is_quarantined(engine: Engine, target: str) -> bool:
-    state = _target_state(engine, target)
+def _is_quarantined(conn: Connection, target: str) -> bool:
+    state = conn.execute(select(target_state).where(target_state.c.target == target)).first()
     return state is not None and state.quarantined_until is not None
 
 
@@ -1046,18 +1057,7 @@ def sweep(
                     if claimed.rowcount == 1:
                         result.probes.append(cfg.name)
                 continue
-            picked = (
-                select(L.identity_id)
-                .where(
-                    L.target == cfg.name,
-                    _due(now),
-                    _lease_free(now),
-                    or_(L.enqueued_at.is_(None), L.enqueued_at < now - stale_after),
-                )
-                .order_by(L.priority.desc(), L.updated_at)
-                .limit(limit)
-            )
-            ids = list(conn.scalars(picked))
+            ids = _stale(conn, cfg.name, now, stale_after, limit)
             if ids:
                 conn.execute(
                     update(sync_ledger)
@@ -1067,6 +1067,37 @@ def sweep(
                 result.due[cfg.name] = ids
     gdpr.maybe_purge_expired(engine, now)  # at most once per IDHUB_RETENTION_PURGE_INTERVAL
     return result
+
+
+def _stale(conn: Connection, target: str, now: datetime, stale_after: timedelta, limit: int) -> list[str]:
+    """Due rows of ``target`` to enqueue again: retries whose time came (``enqueued_at`` cleared), and rows
+    enqueued more than ``stale_after`` ago whose message the broker seems to have lost.
+
+    A row merely waiting behind a backlog is not lost: a target's queue is first in, first out, so while
+    deliveries go on, a message is lost only once rows enqueued after it have been delivered. The delivery
+    front is the latest ``enqueued_at`` among rows delivered within ``stale_after``; rows enqueued before it
+    were overtaken. When nothing was delivered that recently, every stale row counts as lost.
+    """
+    conditions = [L.target == target, _due(now), _lease_free(now)]
+    old = L.enqueued_at < now - stale_after
+    picked = select(L.identity_id).order_by(L.priority.desc(), L.updated_at).limit(limit)
+    ids = list(conn.scalars(picked.where(*conditions, or_(L.enqueued_at.is_(None), old))))
+    if not ids:
+        return ids
+    front = conn.scalar(
+        select(func.max(L.enqueued_at)).where(
+            L.target == target,
+            L.status.in_([s.value for s in DONE]),
+            L.updated_at >= now - stale_after,
+        )
+    )
+    if front is None:
+        return ids
+    return list(
+        conn.scalars(
+            picked.where(*conditions, or_(L.enqueued_at.is_(None), and_(old, L.enqueued_at < front)))
+        )
+    )
 
 
 # ------------------------------------------------------------------------------ dead letters, erasure

@@ -30,7 +30,8 @@ from workers import telemetry  # noqa: F401 - connects the logging and metrics s
 from workers.app import FANOUT_QUEUE, WorkerSettings, queue_for
 
 log = structlog.get_logger("idhub.workers")
-FANOUT_BATCH = 100
+# Outbox events per fan-out task: a relay batch (500) in one task, so its ledger writes are few statements.
+FANOUT_BATCH = 500
 
 
 class _Process:
@@ -41,6 +42,7 @@ class _Process:
         self.targets: dict[str, TargetConfig] | None = None
         self.connectors: dict[str, Connector] = {}
         self.redis: redis.Redis | None = None
+        self.tuning: WorkerSettings | None = None
 
 
 _process = _Process()
@@ -76,7 +78,10 @@ class IdhubTask(Task):  # type: ignore[misc]
 
     @property
     def tuning(self) -> WorkerSettings:
-        return WorkerSettings()
+        # Read from the environment once per process: parsing it on every task cost more than the task.
+        if _process.tuning is None:
+            _process.tuning = WorkerSettings()
+        return _process.tuning
 
     @property
     def engine(self) -> Engine:
@@ -121,6 +126,8 @@ class IdhubTask(Task):  # type: ignore[misc]
             ids,
             owner=self.owner(),
             lease=timedelta(seconds=lease),
+            # Topped-up rows would go out without rate-limit tokens: only unlimited targets coalesce.
+            coalesce=cfg.rate_limit is None,
         )
         elapsed = time.perf_counter() - started
         metrics.observe_delivery(self.engine, report, elapsed)

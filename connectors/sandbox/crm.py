@@ -77,6 +77,8 @@ class CrmSimulator(Simulator):
 
     def reset_state(self) -> None:
         self.contacts: dict[str, dict[str, Any]] = {}
+        # Lower-cased e-mail -> id of the live contact holding it: a lookup by address costs no scan.
+        self.emails: dict[str, str] = {}
         self._next_id = 1001
 
     def snapshot(self) -> Any:
@@ -139,11 +141,21 @@ class CrmSimulator(Simulator):
         return contact if contact is not None and not contact["archived"] else None
 
     def _by_email(self, email: str) -> dict[str, Any] | None:
-        for contact in self.contacts.values():
-            stored = contact["properties"].get("email")
-            if not contact["archived"] and stored and stored.lower() == email.lower():
-                return contact
-        return None
+        contact = self.contacts.get(self.emails.get(email.lower(), ""))
+        if contact is None or contact["archived"]:
+            return None
+        # An index entry whose contact was readdressed behind the simulator's back (tests do) is no match.
+        return contact if str(contact["properties"].get("email") or "").lower() == email.lower() else None
+
+    def _unindex(self, contact: dict[str, Any]) -> None:
+        stored = str(contact["properties"].get("email") or "").lower()
+        if stored and self.emails.get(stored) == contact["id"]:
+            del self.emails[stored]
+
+    def _index(self, contact: dict[str, Any]) -> None:
+        stored = str(contact["properties"].get("email") or "").lower()
+        if stored and not contact["archived"]:
+            self.emails[stored] = contact["id"]
 
     def _not_found(self) -> ApiError:
         return ApiError(self.error(404, "not_found", "Object not found.  objectId are usually numeric."))
@@ -185,12 +197,15 @@ class CrmSimulator(Simulator):
             "archived": False,
         }
         self.contacts[contact_id] = contact
+        self._index(contact)
         return contact
 
     def _update(self, contact: dict[str, Any], properties: Any) -> dict[str, Any]:
         props = self._validate(properties, existing_id=contact["id"])
         stamp = now_iso()
+        self._unindex(contact)
         contact["properties"].update(props, lastmodifieddate=stamp)
+        self._index(contact)
         contact["updatedAt"] = stamp
         return contact
 
@@ -227,6 +242,7 @@ class CrmSimulator(Simulator):
         with self.lock:
             contact = self._lookup(request.path_params["contact_id"], request.query_params.get("idProperty"))
             if contact is not None:  # HubSpot answers 204 whether or not the contact exists
+                self._unindex(contact)
                 contact["archived"] = True
                 contact["archivedAt"] = now_iso()
             return Response(status_code=204)
@@ -237,6 +253,7 @@ class CrmSimulator(Simulator):
             contact = self._lookup(body.get("objectId"), body.get("idProperty"))
             if contact is None:
                 raise self._not_found()
+            self._unindex(contact)
             del self.contacts[contact["id"]]
             return Response(status_code=204)
 
@@ -311,6 +328,7 @@ class CrmSimulator(Simulator):
             return self._view(contact, body.get("properties") or ())
         if op == "archive":
             if contact is not None:
+                self._unindex(contact)
                 contact["archived"] = True
             return None
         if op == "update":
