@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from orchestrator.api import create_app
 from orchestrator.auth import create_token
 from orchestrator.db import make_engine, outbox
 from orchestrator.settings import Settings
+from tests.conftest import create_pg_database, drop_pg_database
 
 SCIM = "application/scim+json"
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
@@ -31,6 +33,20 @@ def make_hub(url: str, **overrides: Any) -> tuple[FastAPI, Engine]:
     settings = Settings(database_url=url, **overrides)
     engine = make_engine(settings.database_url)
     return create_app(settings, engine), engine
+
+
+@contextmanager
+def hub_client(dialect: str, folder: Path, **overrides: Any) -> Iterator[tuple[TestClient, Engine]]:
+    """A hub with an admin client on a new store of ``dialect`` (a fresh PostgreSQL database or a SQLite file
+    in ``folder``), dropped afterwards."""
+    url = f"sqlite:///{folder}/hub.db" if dialect == "sqlite" else create_pg_database()
+    app, engine = make_hub(url, **overrides)
+    try:
+        yield client(app, engine), engine
+    finally:
+        engine.dispose()
+        if dialect == "postgresql":
+            drop_pg_database(url)
 
 
 def client(

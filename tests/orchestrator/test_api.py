@@ -12,23 +12,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
 from orchestrator import db
-from tests.conftest import create_pg_database, drop_pg_database
-from tests.hub import CUSTOMER, GROUP_SCHEMA, SCIM, client, events, make_hub, patch, user
+from tests.hub import CUSTOMER, GROUP_SCHEMA, SCIM, client, events, hub_client, patch, user
 
 
 @pytest.fixture(scope="module", params=["postgresql", "sqlite"])
 def hub(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, Engine]]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('api')}/hub.db"
-    else:
-        url = create_pg_database()
-    app, engine = make_hub(url, max_body_bytes=64_000, bulk_max_operations=50)
-    yield client(app, engine), engine
-    engine.dispose()
-    if request.param == "postgresql":
-        drop_pg_database(url)
+    folder = tmp_path_factory.mktemp("api")
+    with hub_client(request.param, folder, max_body_bytes=64_000, bulk_max_operations=50) as pair:
+        yield pair
 
 
 def name() -> str:

@@ -16,8 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event, func, select
 
 from orchestrator.db import identities
-from tests.conftest import create_pg_database, drop_pg_database
-from tests.hub import GROUP_SCHEMA, client, events, make_hub, patch, user
+from tests.hub import GROUP_SCHEMA, events, hub_client, patch, user
 
 BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 
@@ -26,15 +25,8 @@ BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 def hub(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, Engine]]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('bulk')}/hub.db"
-    else:
-        url = create_pg_database()
-    app, engine = make_hub(url, bulk_max_operations=100)
-    yield client(app, engine), engine
-    engine.dispose()
-    if request.param == "postgresql":
-        drop_pg_database(url)
+    with hub_client(request.param, tmp_path_factory.mktemp("bulk"), bulk_max_operations=100) as pair:
+        yield pair
 
 
 def name() -> str:

@@ -18,11 +18,13 @@ import pytest
 import redis
 from sqlalchemy import Engine, delete, select
 
+from connectors.registry import build
+from orchestrator import sync
 from orchestrator.db import identities, make_engine, metadata
 from orchestrator.ledger import sync_ledger
 from orchestrator.relay import run_forever
 from orchestrator.scim.storage import tombstone
-from orchestrator.targets import TargetConfig, parse_targets
+from orchestrator.targets import TargetConfig, connector_settings, parse_targets
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.pipeline.recording import RecordingTarget
 from tests.services import REDIS_URL
@@ -249,3 +251,12 @@ def pool(clean: Engine, workers: Workers, broker_url: str) -> Iterator[Workers]:
         client.flushdb()
     yield workers
     workers.stop_all()
+
+
+def deliver_now(engine: Engine, cfg: TargetConfig, ids: list[str], **kw: Any) -> sync.DeliveryReport:
+    """One delivery in this process, as a worker's task makes it (its own connector, closed after)."""
+    connector = build(cfg.connector, connector_settings(cfg))
+    try:
+        return sync.deliver(engine, cfg, connector, ids, owner="t", **kw)
+    finally:
+        connector.close()

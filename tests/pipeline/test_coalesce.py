@@ -3,28 +3,17 @@ those rows then find nothing due."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import Engine
 
-from connectors.registry import build
 from orchestrator import sync
 from orchestrator.relay import drain
-from orchestrator.targets import TargetConfig, connector_settings
-from tests.pipeline.conftest import put_user
+from orchestrator.targets import TargetConfig
+from tests.pipeline.conftest import deliver_now, put_user
 from tests.pipeline.recording import RecordingTarget
 
 
 def _fan_out(engine: Engine, targets: list[TargetConfig]) -> None:
     drain(engine, lambda seqs: sync.fanout(engine, targets, list(seqs)) and None)
-
-
-def _deliver(engine: Engine, cfg: TargetConfig, ids: list[str], **kw: Any) -> sync.DeliveryReport:
-    connector = build(cfg.connector, connector_settings(cfg))
-    try:
-        return sync.deliver(engine, cfg, connector, ids, owner="t", **kw)
-    finally:
-        connector.close()
 
 
 def test_a_small_delivery_takes_the_targets_other_pending_rows(
@@ -33,13 +22,13 @@ def test_a_small_delivery_takes_the_targets_other_pending_rows(
     cfg = next(t for t in targets if t.name == "rec")  # batch size 20
     users = [put_user(clean) for _ in range(25)]
     _fan_out(clean, targets)
-    plain = _deliver(clean, cfg, users[:1])
+    plain = deliver_now(clean, cfg, users[:1])
     assert plain.done == users[:1]  # without coalescing, only what it was asked for
-    report = _deliver(clean, cfg, users[1:2], coalesce=True)
+    report = deliver_now(clean, cfg, users[1:2], coalesce=True)
     assert users[1] in report.done
     assert len(report.done) == cfg.batch_size  # topped up to one batch
     assert all(rec.by_hub_id(u) is not None for u in report.done)
     # A delivery enqueued for a row it took finds that row done, and takes what is left instead.
-    late = _deliver(clean, cfg, report.done[1:2], coalesce=True)
+    late = deliver_now(clean, cfg, report.done[1:2], coalesce=True)
     assert late.not_due == report.done[1:2]
     assert sorted(late.done) == sorted(set(users) - set(plain.done) - set(report.done))

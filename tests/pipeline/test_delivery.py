@@ -15,7 +15,7 @@ from orchestrator.db import identities, now, outbox
 from orchestrator.ledger import dead_letters, erasure_receipts, sync_ledger, target_state
 from orchestrator.relay import drain
 from orchestrator.targets import TargetConfig, connector_settings
-from tests.pipeline.conftest import delete_user, ledger_row, put_user
+from tests.pipeline.conftest import delete_user, deliver_now, ledger_row, put_user
 from tests.pipeline.recording import RecordingTarget
 
 
@@ -35,14 +35,6 @@ def _flow(engine: Engine, targets: list[TargetConfig]) -> dict[str, list[str]]:
     return due
 
 
-def _deliver(engine: Engine, cfg: TargetConfig, ids: list[str], **kw: Any) -> sync.DeliveryReport:
-    connector = build(cfg.connector, connector_settings(cfg))
-    try:
-        return sync.deliver(engine, cfg, connector, ids, owner="t", **kw)
-    finally:
-        connector.close()
-
-
 def test_burst_coalesces_and_old_events_change_nothing(
     clean: Engine, targets: list, rec: RecordingTarget
 ) -> None:
@@ -52,13 +44,13 @@ def test_burst_coalesces_and_old_events_change_nothing(
         put_user(clean, uid, given=f"v{i}")
     due = _flow(clean, targets)
     assert due["rec"] == [uid]
-    report = _deliver(clean, cfg, [uid])
+    report = deliver_now(clean, cfg, [uid])
     assert report.done == [uid]
     assert rec.by_hub_id(uid)["version"] == 50
     assert rec.by_hub_id(uid)["given"] == "v48"
     assert rec.calls_for(uid) <= 3
     # A duplicated task and a late, old event do nothing.
-    assert _deliver(clean, cfg, [uid]).calls == 0
+    assert deliver_now(clean, cfg, [uid]).calls == 0
     with clean.connect() as conn:
         first = conn.scalar(select(func.min(outbox.c.seq)))
     assert sync.fanout(clean, targets, [first]) == {}
@@ -70,25 +62,25 @@ def test_update_deactivate_reactivate_delete_erasure(clean: Engine, targets: lis
     uid = put_user(clean)
     _flow(clean, targets)
     for cfg in targets:
-        _deliver(clean, cfg, [uid])
+        deliver_now(clean, cfg, [uid])
     remote = rec.by_hub_id(uid)
     assert remote["active"] is True
     put_user(clean, uid, active=False)
     _flow(clean, targets)
-    _deliver(clean, _cfg(targets, "rec"), [uid])
+    deliver_now(clean, _cfg(targets, "rec"), [uid])
     assert rec.by_hub_id(uid)["active"] is False
     assert ledger_row(clean, "rec", uid).status == "deprovisioned"
     put_user(clean, uid, active=True)
     _flow(clean, targets)
-    _deliver(clean, _cfg(targets, "rec"), [uid])
+    deliver_now(clean, _cfg(targets, "rec"), [uid])
     assert rec.by_hub_id(uid)["active"] is True
     delete_user(clean, uid)
     _flow(clean, targets)
-    _deliver(clean, _cfg(targets, "rec"), [uid])
+    deliver_now(clean, _cfg(targets, "rec"), [uid])
     assert rec.by_hub_id(uid) is None
     with clean.connect() as conn:
         assert conn.scalar(select(func.count()).where(identities.c.id == uid)) == 1  # "other" not done yet
-    _deliver(clean, _cfg(targets, "other"), [uid])
+    deliver_now(clean, _cfg(targets, "other"), [uid])
     assert other.by_hub_id(uid) is None
     with clean.connect() as conn:
         assert conn.scalar(select(func.count()).where(identities.c.id == uid)) == 0
@@ -107,14 +99,14 @@ def test_500s_then_recovery_and_retry_after_honoured(clean: Engine, targets: lis
     _flow(clean, targets)
     rec.faults.script = [(500, None)]
     start = now()
-    report = _deliver(clean, cfg, [uid])
+    report = deliver_now(clean, cfg, [uid])
     assert report.retrying == [uid]
     row = ledger_row(clean, "rec", uid)
     assert row.status == "retrying"
     assert row.attempts == 1
     assert row.last_error_code == "http_500"
-    assert _deliver(clean, cfg, [uid], now=start).not_due == [uid]  # back-off is respected
-    report = _deliver(clean, cfg, [uid], now=row.next_attempt_at + timedelta(milliseconds=1))
+    assert deliver_now(clean, cfg, [uid], now=start).not_due == [uid]  # back-off is respected
+    report = deliver_now(clean, cfg, [uid], now=row.next_attempt_at + timedelta(milliseconds=1))
     assert report.done == [uid]
     assert rec.by_hub_id(uid) is not None
 
@@ -122,7 +114,7 @@ def test_500s_then_recovery_and_retry_after_honoured(clean: Engine, targets: lis
     _flow(clean, targets)
     rec.faults.script = [(429, 30)]
     start = now()
-    _deliver(clean, cfg, [uid], now=start)
+    deliver_now(clean, cfg, [uid], now=start)
     row = ledger_row(clean, "rec", uid)
     assert row.status == "retrying"
     assert row.next_attempt_at >= start + timedelta(seconds=30)
@@ -135,16 +127,16 @@ def test_permanent_400_dead_letters_one_record_then_replay(clean: Engine, target
     bad, good = put_user(clean), put_user(clean)
     _flow(clean, targets)
     rec.faults.reject = {bad}
-    report = _deliver(clean, cfg, [bad, good])
+    report = deliver_now(clean, cfg, [bad, good])
     assert report.dead == [bad]
     assert report.done == [good]
     with clean.connect() as conn:
         letter = conn.execute(select(dead_letters)).one()
     assert (letter.target, letter.identity_id, letter.error_code) == ("rec", bad, "invalid_record")
-    assert _deliver(clean, cfg, [bad]).calls == 0  # dead rows wait for a replay
+    assert deliver_now(clean, cfg, [bad]).calls == 0  # dead rows wait for a replay
     rec.faults.reject = set()
     assert sync.replay_dead_letter(clean, letter.id) == ("rec", bad)
-    assert _deliver(clean, cfg, [bad]).done == [bad]
+    assert deliver_now(clean, cfg, [bad]).done == [bad]
     assert rec.by_hub_id(bad)["version"] == 1
     assert ledger_row(clean, "rec", bad).status == "synced"
 
@@ -157,7 +149,7 @@ def test_retries_exhausted_dead_letter_with_reason(clean: Engine, targets: list,
         rec.faults.script = [(502, None)]
         row = ledger_row(clean, "rec", uid)
         when = (row.next_attempt_at or now()) + timedelta(milliseconds=1)
-        _deliver(clean, cfg, [uid], now=when)
+        deliver_now(clean, cfg, [uid], now=when)
         with clean.begin() as conn:  # one success elsewhere resets the run of failures: no quarantine here
             conn.execute(target_state.update().values(consecutive_failures=0))
     row = ledger_row(clean, "rec", uid)
@@ -172,12 +164,12 @@ def test_down_target_is_quarantined_no_dead_letters_and_catches_up(clean: Engine
     ids = [put_user(clean) for _ in range(5)]
     _flow(clean, targets)
     rec.faults.down = True
-    report = _deliver(clean, cfg, ids)
+    report = deliver_now(clean, cfg, ids)
     assert report.quarantined
     requests_while_down = len(rec.requests)
     later = now() + timedelta(hours=2)  # far past every back-off and max_attempts worth of retries
     for _ in range(10):
-        assert _deliver(clean, cfg, ids, now=later).quarantined
+        assert deliver_now(clean, cfg, ids, now=later).quarantined
     assert len(rec.requests) == requests_while_down  # quarantined deliveries never call the target
     found = sync.sweep(clean, targets, later)
     assert found.probes == ["rec"]
@@ -188,7 +180,7 @@ def test_down_target_is_quarantined_no_dead_letters_and_catches_up(clean: Engine
     due = sync.probe(clean, cfg, connector, now=later)
     connector.close()
     assert sorted(due or []) == sorted(ids)
-    assert sorted(_deliver(clean, cfg, ids, now=later).done) == sorted(ids)
+    assert sorted(deliver_now(clean, cfg, ids, now=later).done) == sorted(ids)
     with clean.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(dead_letters)) == 0
     assert all(rec.by_hub_id(i) for i in ids)
@@ -198,11 +190,11 @@ def test_gone_remote_account_is_recreated_once(clean: Engine, targets: list, rec
     cfg = _cfg(targets, "rec")
     uid = put_user(clean)
     _flow(clean, targets)
-    _deliver(clean, cfg, [uid])
+    deliver_now(clean, cfg, [uid])
     rec.accounts.clear()  # someone deleted it at the target
     put_user(clean, uid, given="B")
     _flow(clean, targets)
-    assert _deliver(clean, cfg, [uid]).done == [uid]
+    assert deliver_now(clean, cfg, [uid]).done == [uid]
     assert rec.by_hub_id(uid)["given"] == "B"
 
 
@@ -215,5 +207,5 @@ def test_lease_excludes_a_second_delivery(clean: Engine, targets: list, rec, n: 
         conn.execute(
             sync_ledger.update().values(lease_owner="someone", lease_until=now() + timedelta(minutes=1))
         )
-    assert _deliver(clean, cfg, [uid]).not_due == [uid]
+    assert deliver_now(clean, cfg, [uid]).not_due == [uid]
     assert rec.calls_for(uid) == 0
