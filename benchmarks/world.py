@@ -35,6 +35,7 @@ from orchestrator.auth import create_token
 from orchestrator.db import identities, make_engine, now, outbox
 from orchestrator.ledger import DONE, Status, sync_ledger
 from orchestrator.scim.schemas import CUSTOMER_SCHEMA, CustomerUser
+from tests.chaos.servers import redis_server_argv, wait_redis
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.hub import SCIM, USER_SCHEMA, free_port, wait_http
 
@@ -353,25 +354,9 @@ class World:
         given = os.environ.get("BENCH_REDIS_URL")
         if given:
             return given.rstrip("/")
-        server = shutil.which("redis-server")
-        if server is None:
-            raise RuntimeError("redis-server is not installed; set BENCH_REDIS_URL to a Redis to use")
         port = free_port()
-        argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.spawn("redis", argv)
-        import redis
-
-        client = redis.Redis(port=port)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        client.close()
+        self.spawn("redis", redis_server_argv(port))
+        wait_redis(port)
         return f"redis://127.0.0.1:{port}"
 
     def _start_sim(self, kind: str) -> None:

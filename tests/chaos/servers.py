@@ -145,15 +145,37 @@ class Postgres:
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
 
+def redis_server_argv(port: int) -> list[str]:
+    """A redis-server on loopback that keeps nothing on disk, so a restart loses every queued message."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("redis-server is not installed")
+    return [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+
+def wait_redis(port: int, timeout: float = 15.0) -> None:
+    """Return once the Redis on ``port`` answers PING; RuntimeError after ``timeout`` seconds."""
+    client = redis.Redis(port=port, socket_timeout=5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
 class Redis:
     """A private redis-server that keeps nothing on disk, so a restart loses every queued message."""
 
     def __init__(self, procs: Procs) -> None:
         self.procs = procs
         self.port = free_port()
-        self.server = shutil.which("redis-server")
-        if self.server is None:
-            raise RuntimeError("redis-server is not installed")
 
     @property
     def url(self) -> str:
@@ -163,30 +185,8 @@ class Redis:
         return redis.Redis(port=self.port, socket_timeout=5)
 
     def start(self) -> Redis:
-        assert self.server is not None
-        argv = [
-            self.server,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        self.procs.spawn("redis", argv)
-        client = self.client()
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        client.close()
+        self.procs.spawn("redis", redis_server_argv(self.port))
+        wait_redis(self.port)
         return self
 
     def restart(self) -> None:
