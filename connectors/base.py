@@ -8,7 +8,7 @@ API, keeps one pooled HTTP client with timeouts, and raises only ``connectors.er
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -130,6 +130,16 @@ class Connector(ABC):
     def list_accounts(self, cursor: str | None = None) -> Page:
         """One page of the target's accounts; pass ``next_cursor`` back for the next page."""
         raise NotImplementedError
+
+    def pages(self) -> Iterator[Page]:
+        """Every page of ``list_accounts``, following the cursor to the end."""
+        cursor: str | None = None
+        while True:
+            page = self.list_accounts(cursor)
+            yield page
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     def upsert_group(
         self, group_id: str, display_name: str, member_remote_ids: Sequence[str], remote_id: str | None = None

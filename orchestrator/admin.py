@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 
-from connectors.base import Connector, DeprovisionAction, Page, Record, Result
+from connectors.base import Connector, DeprovisionAction, Record, Result
 from connectors.errors import SyncError
 from orchestrator import guard, sync
 from orchestrator.db import BigId, Json, identities, metadata
@@ -764,16 +764,6 @@ def _differing(payload: Mapping[str, Any], remote: Mapping[str, Any], key_field:
     )
 
 
-def _list_all(connector: Connector) -> Iterator[Page]:
-    cursor: str | None = None
-    while True:
-        page = connector.list_accounts(cursor)
-        yield page
-        if page.next_cursor is None:
-            return
-        cursor = page.next_cursor
-
-
 def _may_delete(cfg: TargetConfig, reason: str) -> DeprovisionAction | None:
     """How an orphan may be removed under the target's policies, or None when they do not allow it."""
     on_delete = cfg.on_delete in (DeprovisionPolicy.DELETE, DeprovisionPolicy.ERASE)
@@ -814,7 +804,7 @@ def reconcile(
         accounts: dict[str, Any] = {}
         by_external: dict[str, str] = {}
         by_key: dict[str, str] = {}
-        for page in _list_all(connector):
+        for page in connector.pages():
             for acct in page.accounts:
                 accounts[acct.remote_id] = acct
                 if acct.external_id:

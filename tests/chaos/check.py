@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from sqlalchemy import Engine, select
 
-from connectors.base import Connector, Page, RemoteAccount
+from connectors.base import Connector, RemoteAccount
 from orchestrator import gdpr
 from orchestrator.db import group_members, groups, identities
 from orchestrator.ledger import DONE, dead_letters, sync_ledger
@@ -145,16 +145,6 @@ def check_hub(engine: Engine, workload: Workload, found: Findings) -> dict[str, 
 # -- the targets against the hub --------------------------------------------------------------------------
 
 
-def _pages(connector: Connector) -> Iterator[Page]:
-    cursor: str | None = None
-    while True:
-        page = connector.list_accounts(cursor)
-        yield page
-        if page.next_cursor is None:
-            return
-        cursor = page.next_cursor
-
-
 def held(kind: str, account: RemoteAccount) -> bool:
     """Whether the target counts the account as existing (a newsletter keeps archived members)."""
     return not (kind == "newsletter" and account.attributes.get("status") == "archived")
@@ -223,7 +213,7 @@ def check_target(
     by_external: dict[str, list[RemoteAccount]] = defaultdict(list)
     by_key: dict[str, list[RemoteAccount]] = defaultdict(list)
     total = 0
-    for page in _pages(connector):
+    for page in connector.pages():
         for account in page.accounts:
             if not held(kind, account):
                 continue
