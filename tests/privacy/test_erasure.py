@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import NoResultFound
 
+from connectors.base import Connector, DeprovisionAction, Record, Result
 from orchestrator import gdpr, sync
 from orchestrator.cli import main as idhub
 from orchestrator.db import identities, now, outbox
@@ -224,3 +225,42 @@ def test_an_erasure_waits_for_a_tombstone_not_a_replay(world: Privacy) -> None:
     for kind, dump in world.target_dump().items():
         assert not _hits(dump, pii), f"personal data back at {kind}"
     assert gdpr.receipt(world.engine, uid)["status"] == "complete"
+
+
+class _Readable(Connector):
+    """A target that can read accounts back; ``read`` says whether it was asked."""
+
+    kind = "readable"
+    default_mapping: dict[str, str] = {}
+    match_field = "email"
+    supports_read = True
+
+    def __init__(self, holds: bool) -> None:
+        self.holds, self.reads = holds, 0
+
+    def read(self, remote_id: str) -> dict[str, Any] | None:
+        self.reads += 1
+        return {"email": "x"} if self.holds else None
+
+    def upsert(self, record: Record) -> Result:
+        raise NotImplementedError
+
+    def deprovision(self, record: Record, action: DeprovisionAction) -> Result:
+        raise NotImplementedError
+
+    def find(self, match_key: str) -> str | None:
+        raise NotImplementedError
+
+    def probe(self) -> None:
+        return None
+
+
+def test_an_erasure_is_verified_absent_only_after_a_read_back() -> None:
+    gone, kept = _Readable(holds=False), _Readable(holds=True)
+    assert gdpr.confirm(gone, "erase", "r-1", "deprovisioned") == gdpr.VERIFIED_ABSENT
+    assert gdpr.confirm(kept, "erase", "r-1", "deprovisioned") == gdpr.REQUESTED
+    # No remote id: nothing could be read back, whatever the connector answered.
+    nothing = _Readable(holds=False)
+    assert gdpr.confirm(nothing, "erase", None, "absent") == gdpr.REQUESTED
+    assert nothing.reads == 0
+    assert gdpr.confirm(gone, "deactivate", "r-1", "deprovisioned") == gdpr.REQUESTED
