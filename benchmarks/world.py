@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,7 @@ from orchestrator.auth import create_token
 from orchestrator.db import identities, make_engine, now, outbox
 from orchestrator.ledger import DONE, Status, sync_ledger
 from orchestrator.scim.schemas import CUSTOMER_SCHEMA, CustomerUser
-from tests.chaos.servers import redis_server_argv, wait_redis
+from tests.chaos.servers import announcement, descendants, redis_server_argv, wait_redis
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.hub import SCIM, USER_SCHEMA, free_port, wait_http
 
@@ -178,15 +177,7 @@ def _children(pid: int) -> list[int]:
         pass
     except Exception:  # the process is gone
         return []
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for path in Path(f"/proc/{parent}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                kids = [int(k) for k in path.read_text().split()]
-                found += kids
-                frontier += kids
-    return found
+    return descendants(pid)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -366,11 +357,7 @@ class World:
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=subprocess.PIPE,
         )
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {kind} simulator did not start; see {self.work}/target:{kind}.log")
-        info = json.loads(line)
+        info = announcement(process, f"the {kind} simulator", self.work / f"target:{kind}.log")
         self.urls[kind], self.sim_roots[kind] = info["url"], info["root"]
 
     def _start_app(self, port: int = 0) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -32,6 +34,15 @@ def descendants(pid: int) -> list[int]:
                 found += kids
                 frontier += kids
     return found
+
+
+def announcement(process: subprocess.Popen[bytes], what: str, log: Path) -> dict[str, Any]:
+    """The JSON line a started server prints first on its stdout (its URL and folder)."""
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{what} did not start; see {log}")
+    return dict(json.loads(line))
 
 
 class Procs:

@@ -9,7 +9,6 @@ the scim2-server app and the shop, newsletter and CRM simulators, each simulator
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -30,7 +29,7 @@ from orchestrator.auth import create_token
 from orchestrator.db import make_engine
 from orchestrator.scim.schemas import CustomerUser
 from orchestrator.targets import TargetConfig, connector_settings, load_targets
-from tests.chaos.servers import Postgres, Procs, Redis, descendants
+from tests.chaos.servers import Postgres, Procs, Redis, announcement, descendants
 from tests.hub import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,11 +176,7 @@ class World:
         argv = [sys.executable, "-m", "tests.chaos.target", kind, str(self.seed)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         process = self.procs.spawn(f"target:{kind}", argv, env, stdout=subprocess.PIPE)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {kind} simulator did not start; see {self.work}/target:{kind}.log")
-        info = json.loads(line)
+        info = announcement(process, f"the {kind} simulator", self.work / f"target:{kind}.log")
         self.urls[kind], self.roots[kind] = info["url"], info["root"]
 
     def _start_app(self) -> None:
