@@ -117,7 +117,7 @@ def table(results: dict[str, Any]) -> str:
         add(key)
     for t in get(results, "drain.targets") or []:
         add(f"drain.per_target.{t}.records_per_s")
-    for key in ("latency.rate", "latency.achieved_rate", "latency.api.p99_ms"):
+    for key in ("latency.rate", "latency.achieved_rate", "latency.committed_rate", "latency.api.p99_ms"):
         add(key)
     for p in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
         add(f"latency.all.{p}")

@@ -51,7 +51,11 @@ def spread(samples: list[float]) -> dict[str, float]:
 def idhub_peak(processes: dict[str, dict[str, float]]) -> float:
     """The largest peak RSS of one idhub process (API, relay, beat, workers and their children, CLI)."""
     return max(
-        (v["peak_rss_mb"] for r, v in processes.items() if not r.startswith(("target:", "redis", "naive"))),
+        (
+            v["peak_rss_mb"]
+            for r, v in processes.items()
+            if not r.startswith(("target:", "redis", "naive", "postgres"))
+        ),
         default=0.0,
     )
 
@@ -208,12 +212,16 @@ def latency(work: Path) -> dict[str, Any]:
                     per_target[k].append(at - commit)
         everything = [x for v in per_target.values() for x in v]
         span = max(s["sent"] for s in sent) - min(s["sent"] for s in sent) if sent else 0.0
+        # What the hub took in: when the API falls behind the offered rate, commits come slower than offered.
+        committed = sorted(commits.values())
+        commit_span = committed[-1] - committed[0] if len(committed) > 1 else 0.0
         return {
             "rate": rate,
             "seconds": seconds,
             "offered": len(sent),
             "accepted": len(ok),
             "achieved_rate": round(len(sent) / span, 1) if span else None,
+            "committed_rate": round(len(committed) / commit_span, 1) if commit_span else None,
             "api": spread([s["answered"] - s["sent"] for s in sent]),
             "all": spread(everything),
             "per_target": {k: spread(v) for k, v in per_target.items()},

@@ -104,7 +104,7 @@ class Tuning:
     def from_env(cls) -> Tuning:
         groups = os.environ.get("BENCH_WORKER_GROUPS")
         return cls(
-            server_workers=env_int("BENCH_SERVER_WORKERS", 1),
+            server_workers=env_int("BENCH_SERVER_WORKERS", 2),
             groups=[g.strip() for g in groups.split(";") if g.strip()] if groups else cls().groups,
             concurrency=env_int("BENCH_WORKER_CONCURRENCY", 2),
             pool=os.environ.get("BENCH_WORKER_POOL") or "prefork",
@@ -676,15 +676,40 @@ def phase(monitor: Monitor) -> Iterator[dict[str, Any]]:
     monitor.clear_peaks()
     mark = monitor.cpu_mark()
     busy0 = _cpu_busy()
+    pg0 = _postgres_cpu()
     out: dict[str, Any] = {}
     started = time.perf_counter()
     yield out
     out.setdefault("seconds", round(time.perf_counter() - started, 3))
     out["processes"] = monitor.report(mark)
+    pg1 = _postgres_cpu()
+    # The database server is not ours to watch for RSS, but its CPU is part of what every change costs.
+    out["processes"]["postgres"] = {
+        "cpu_s": round(sum(cpu - pg0.get(pid, 0.0) for pid, cpu in pg1.items()), 2),
+        "processes": len(pg1),
+    }
     busy1 = _cpu_busy()
     if busy0 and busy1:
         total = busy1[1] - busy0[1]
         out["machine_cpu_busy"] = round((busy1[0] - busy0[0]) / total, 3) if total else None
+
+
+def _postgres_cpu() -> dict[int, float]:
+    """CPU seconds of every PostgreSQL server process on this machine, by pid (a backend that exits within a
+    phase is missed: the pools keep theirs open)."""
+    out: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+        except OSError:
+            continue
+        cpu = _cpu_seconds(int(entry.name))
+        if cpu >= 0:
+            out[int(entry.name)] = cpu
+    return out
 
 
 def _cpu_busy() -> tuple[float, float] | None:

@@ -33,21 +33,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from orchestrator.api import create_app
 
-    cfg = settings.get()
-    if args.workers > 1:
-        _engine()  # migrate once, before the workers race to
+    engine = _engine()  # migrated once, before any worker starts
+    workers = args.workers
+    if workers is None:
+        workers = 2 * (os.cpu_count() or 1) if engine.dialect.name == "postgresql" else 1
+    if workers > 1:
+        engine.dispose()
         uvicorn.run(
             "orchestrator.api:app_from_env",
             factory=True,
             host=args.host,
             port=args.port,
-            workers=args.workers,
+            workers=workers,
             log_level="warning",
             access_log=False,
             log_config=None,  # uvicorn's loggers go through idhub's (orchestrator.logs)
         )
         return 0
-    app = create_app(cfg, _engine())
+    app = create_app(settings.get(), engine)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, log_config=None)
     return 0
 
@@ -139,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the SCIM API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="server processes (PostgreSQL stores only)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="server processes, each serving one request at a time (default: two per CPU on PostgreSQL, "
+        "one on SQLite, which allows no more)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("db", help="database schema")

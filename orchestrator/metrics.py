@@ -25,7 +25,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -37,11 +37,11 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import and_, func, select, union_all
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from orchestrator.db import groups, identities, outbox
 from orchestrator.db import now as utcnow
+from orchestrator.db import outbox
 from orchestrator.guard import HELD
 from orchestrator.ledger import Status, outbox_inflight, sync_ledger, target_state
 
@@ -123,8 +123,11 @@ class MetricsSettings(BaseSettings):
 # -- recording ----------------------------------------------------------------------------------------------
 
 
-def observe_delivery(engine: Engine, report: Any, seconds: float, *, now: datetime | None = None) -> None:
-    """Record one delivery batch (a ``sync.DeliveryReport``): outcomes, duration, calls and sync lag."""
+def observe_delivery(report: Any, seconds: float, *, now: datetime | None = None) -> None:
+    """Record one delivery batch (a ``sync.DeliveryReport``): outcomes, duration, calls and sync lag.
+
+    The lag runs from the commit of each delivered version (``report.committed``, read with the rows the
+    delivery pushed: the row's ``updated_at`` is written with the version's outbox event) to ``now``."""
     target = report.target
     DELIVERY_SECONDS.labels(target).observe(seconds)
     for outcome in OUTCOMES:
@@ -136,38 +139,9 @@ def observe_delivery(engine: Engine, report: Any, seconds: float, *, now: dateti
     for reason in ("quarantined", "disabled"):
         if getattr(report, reason, False):
             DEFERRED.labels(target, reason).inc()
-    if report.done:
-        for lag in sync_lags(engine, target, report.done, now=now):
-            SYNC_LAG.labels(target).observe(lag)
-
-
-def sync_lags(engine: Engine, target: str, ids: Sequence[str], *, now: datetime | None = None) -> list[float]:
-    """Seconds from the commit of each record's synced version to ``now``, in one query.
-
-    The commit time is the resource's ``updated_at`` while it still sits at the synced version: it is written
-    in the same transaction as the version's outbox event (same instant), and found by primary key where the
-    outbox has no index on resource and version. Purged tombstones and records that moved on are skipped.
-    """
-    if not ids:
-        return []
     now = now or utcnow()
-    L = sync_ledger.c
-    picked = and_(L.target == target, L.identity_id.in_(list(ids)))
-    users = (
-        select(identities.c.updated_at.label("at"))
-        .select_from(sync_ledger)
-        .join(identities, and_(identities.c.id == L.identity_id, identities.c.version == L.synced_version))
-        .where(picked, L.resource_type == "User")
-    )
-    grps = (
-        select(groups.c.updated_at.label("at"))
-        .select_from(sync_ledger)
-        .join(groups, and_(groups.c.id == L.identity_id, groups.c.version == L.synced_version))
-        .where(picked, L.resource_type == "Group")
-    )
-    with engine.connect() as conn:
-        stamps = list(conn.scalars(union_all(users, grps)))
-    return [max(0.0, (now - _aware(at, now)).total_seconds()) for at in stamps if at is not None]
+    for at in report.committed.values():
+        SYNC_LAG.labels(target).observe(max(0.0, (now - _aware(at, now)).total_seconds()))
 
 
 def _aware(value: datetime, like: datetime) -> datetime:

@@ -88,6 +88,17 @@ def drain(engine: Engine, publish: Publish, *, batch: int = 500) -> int:
     return total
 
 
+def _publish_due(engine: Engine, publish: Publish, batch: int) -> int:
+    """Publish what is unpublished, going on only while batches come full: what commits while a batch goes
+    out waits for the next linger, instead of leaving at once in a batch of its own."""
+    total = 0
+    while (count := relay_once(engine, publish, batch=batch)) > 0:
+        total += count
+        if count < batch:
+            break
+    return total
+
+
 def run_forever(
     engine: Engine,
     publish: Publish,
@@ -111,7 +122,7 @@ def run_forever(
         while not stop.is_set():
             stop.wait(max(0.0, last + linger - time.monotonic()))
             try:
-                if drain(engine, publish, batch=batch):
+                if _publish_due(engine, publish, batch):
                     last = time.monotonic()
             except Exception:
                 # The database or the broker is away for a moment: keep relaying once it is back.

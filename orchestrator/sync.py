@@ -186,15 +186,17 @@ def _upsert_desired(conn: Connection, values: list[dict[str, Any]], now: datetim
 def _current_users(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
     if not ids:
         return {}
-    q = select(identities.c.id, identities.c.version, identities.c.doc, identities.c.deleted_at)
-    return {r.id: r for r in conn.execute(q.where(identities.c.id.in_(list(ids))))}
+    i = identities.c
+    q = select(i.id, i.version, i.doc, i.deleted_at, i.updated_at)
+    return {r.id: r for r in conn.execute(q.where(i.id.in_(list(ids))))}
 
 
 def _current_groups(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
     if not ids:
         return {}
-    q = select(groups.c.id, groups.c.version, groups.c.display_name, groups.c.deleted_at)
-    return {r.id: r for r in conn.execute(q.where(groups.c.id.in_(list(ids))))}
+    g = groups.c
+    q = select(g.id, g.version, g.display_name, g.deleted_at, g.updated_at)
+    return {r.id: r for r in conn.execute(q.where(g.id.in_(list(ids))))}
 
 
 def _provisioned(row: Any) -> bool:
@@ -241,6 +243,8 @@ class DeliveryReport:
     dead: list[str] = field(default_factory=list)
     not_due: list[str] = field(default_factory=list)  # already synced, dead, in back-off or leased elsewhere
     held: list[str] = field(default_factory=list)  # deprovisions the mass-deprovisioning guard holds back
+    # When each record in ``done`` was committed in the version delivered: the sync lag, without a query.
+    committed: dict[str, datetime] = field(default_factory=dict)
     calls: int = 0
     quarantined: bool = False
     disabled: bool = False
@@ -257,6 +261,7 @@ class _Job:
     group: Any = None
     result: Result | None = None
     error: Exception | None = None
+    committed_at: datetime | None = None  # when the version carried was committed (its row's updated_at)
     erased: bool = False  # the identity is a tombstone: this job carries out an erasure
     confirmation: str | None = None  # the erasure's read-back (gdpr.VERIFIED_ABSENT / REQUESTED)
 
@@ -372,7 +377,8 @@ def _deliver_chunk(
         _find_lost_creates(connector, jobs, report)
         _note_attempts(engine, cfg.name, jobs, owner)
         disabled = _call(cfg, connector, [j for j in jobs if j.result is None and j.error is None], report)
-    _record(engine, cfg, jobs, purged, now, owner, report, disabled)
+    healthy = state is not None and not state.consecutive_failures
+    _record(engine, cfg, jobs, purged, now, owner, report, disabled, healthy=healthy)
 
 
 @contextmanager
@@ -483,6 +489,7 @@ def _plan(
             attrs = {"displayName": grp.display_name, "members": members.get(row.identity_id, [])}
             record = Record(row.identity_id, grp.version, attrs, remote_id=row.remote_id)
             job = _Job(row, action, grp.version, record, _digest(action, attrs), "Group", group=grp)
+            job.committed_at = grp.updated_at
         else:
             ident = users.get(row.identity_id)
             if ident is None:
@@ -508,6 +515,7 @@ def _plan(
                 first_attempt=row.remote_id is None and row.synced_version is None and row.attempts == 0,
             )
             job = _Job(row, action, ident.version, record, _digest(action, attrs), "User", erased=deleted)
+            job.committed_at = ident.updated_at
         if action == NONE or (job.digest == row.payload_digest and action == row.synced_action):
             job.result = Result(row.remote_id, "unchanged")
         jobs.append(job)
@@ -676,8 +684,11 @@ def _record(
     owner: str,
     report: DeliveryReport,
     disabled: bool,
+    *,
+    healthy: bool = False,
 ) -> None:
-    """Write every outcome in one transaction, only where our lease still holds (fencing)."""
+    """Write every outcome in one transaction, only where our lease still holds (fencing). ``healthy``: the
+    target had no failures counted when the rows were taken, so a success has nothing to reset."""
     ok: list[dict[str, Any]] = []
     retry: list[dict[str, Any]] = []
     dead: list[tuple[_Job, str, str, int]] = []
@@ -686,10 +697,13 @@ def _record(
     policy = cfg.retry
     for job in jobs:
         if job.result is not None:
-            successes += job.result.outcome != "unchanged"
-            (report.unchanged if job.result.outcome == "unchanged" else report.done).append(
-                job.row.identity_id
-            )
+            if job.result.outcome == "unchanged":
+                report.unchanged.append(job.row.identity_id)
+            else:
+                successes += 1
+                report.done.append(job.row.identity_id)
+                if job.committed_at is not None:
+                    report.committed[job.row.identity_id] = job.committed_at
             ok.append(_success(job))
             continue
         exc = job.error
@@ -788,12 +802,15 @@ def _record(
             )
         if cfg.groups:
             _rearm_groups(conn, cfg.name, jobs, now)
-        _account(conn, cfg, successes, retryable, now)
+        if not (healthy and successes):
+            _account(conn, cfg, successes, retryable, now)
         if disabled:
             _state(conn, cfg.name, now, disabled=True)
             report.disabled = True
-        finish_erasures(conn, [j.row.identity_id for j in jobs if j.resource_type == "User"], now)
-        quarantined = _is_quarantined(conn, cfg.name)
+        # Only tombstones can finish an erasure; one made after the rows were read gets a delivery of its own.
+        finish_erasures(conn, [j.row.identity_id for j in jobs if j.erased], now)
+        # Only failures counted here quarantine a target; one quarantined elsewhere stops the next chunk.
+        quarantined = bool(retryable) and _is_quarantined(conn, cfg.name)
     if disabled or quarantined:
         report.quarantined = report.quarantined or not disabled
 

@@ -130,7 +130,7 @@ class IdhubTask(Task):  # type: ignore[misc]
             coalesce=cfg.rate_limit is None,
         )
         elapsed = time.perf_counter() - started
-        metrics.observe_delivery(self.engine, report, elapsed)
+        metrics.observe_delivery(report, elapsed)
         counts = {o: len(getattr(report, o, ())) for o in metrics.OUTCOMES}
         log.info("delivery batch", **counts, calls=report.calls, duration_ms=round(elapsed * 1000, 1))
         if report.dead:

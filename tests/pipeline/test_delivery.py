@@ -46,6 +46,9 @@ def test_burst_coalesces_and_old_events_change_nothing(
     assert due["rec"] == [uid]
     report = deliver_now(clean, cfg, [uid])
     assert report.done == [uid]
+    with clean.connect() as conn:
+        committed = conn.scalar(select(identities.c.updated_at).where(identities.c.id == uid))
+    assert report.committed == {uid: committed}  # the sync lag runs from the version delivered
     assert rec.by_hub_id(uid)["version"] == 50
     assert rec.by_hub_id(uid)["given"] == "v48"
     assert rec.calls_for(uid) <= 3
