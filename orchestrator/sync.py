@@ -313,25 +313,12 @@ def _urgent_first(
     up with other pending rows of the target when ``coalesce``)."""
     size = cfg.batch_size
     with engine.connect() as conn:
-        urgent = list(
-            conn.scalars(
-                select(L.identity_id)
-                # The constant inline, so the planner can match the partial index ix_sync_ledger_urgent.
-                .where(L.target == cfg.name, L.priority > literal_column("0"), _due(now), _lease_free(now))
-                .order_by(L.updated_at)
-                .limit(_URGENT_PER_CALL)
-            )
-        )
+        urgent = list(conn.scalars(_URGENT_IDS, {"k_target": cfg.name, "now": now}))
         taken = set(urgent)
         rest = [i for i in ids if i not in taken]
         if coalesce and len(rest) < size:
-            # Pending only (a row in back-off waits for its time): the due index narrows the search to them.
             known = taken | set(ids)
-            more = conn.scalars(
-                select(L.identity_id)
-                .where(L.target == cfg.name, L.status == Status.PENDING.value, _due(now), _lease_free(now))
-                .limit(size + len(known))
-            )
+            more = conn.scalars(_PENDING_IDS, {"k_target": cfg.name, "now": now, "n": size + len(known)})
             rest += [i for i in more if i not in known][: size - len(rest)]
     chunks = [urgent[s : s + size] for s in range(0, len(urgent), size)]
     return chunks + [rest[s : s + size] for s in range(0, len(rest), size)]
@@ -354,14 +341,8 @@ def _deliver_chunk(
             report.disabled = bool(state.disabled)
             report.quarantined = not state.disabled
             return
-        rows = list(
-            conn.execute(
-                update(sync_ledger)
-                .where(L.target == cfg.name, L.identity_id.in_(ids), _due(now), _lease_free(now))
-                .values(lease_owner=owner, lease_until=now + lease)
-                .returning(*sync_ledger.c)
-            )
-        )
+        claim = {"k_target": cfg.name, "k_ids": ids, "now": now, "v_owner": owner, "v_until": now + lease}
+        rows = list(conn.execute(_CLAIM, claim))
         jobs, purged = _plan(conn, cfg, connector, rows) if rows else ([], [])
     taken = {r.identity_id for r in rows}
     report.not_due.extend(i for i in ids if i not in taken)
@@ -427,17 +408,7 @@ def _note_attempts(engine: Engine, target: str, jobs: list[_Job], owner: str) ->
     ]
     if params:
         with engine.begin() as conn:
-            conn.execute(
-                update(sync_ledger)
-                .where(L.target == target, L.identity_id == bindparam("k_id"), L.lease_owner == owner)
-                .values(
-                    payload_digest=None,
-                    inflight_key=bindparam("k_key"),
-                    remote_id=bindparam("k_remote"),
-                    synced_action=bindparam("k_action"),
-                ),
-                params,
-            )
+            conn.execute(_NOTE_ATTEMPT, [{"k_target": target, "k_owner": owner, **p} for p in params])
 
 
 def _upserts_user(job: _Job) -> bool:
@@ -738,37 +709,11 @@ def _record(
             }
         )
     fence = and_(L.target == cfg.name, L.identity_id == bindparam("k_id"), L.lease_owner == owner)
+    mine = {"k_target": cfg.name, "k_owner": owner, "v_now": now}
     with engine.begin() as conn:
         _erasure_receipts(conn, cfg.name, jobs, owner, now)
         if ok:
-            v: Any = bindparam("v_version")
-            conn.execute(
-                update(sync_ledger)
-                .where(fence)
-                .values(
-                    synced_version=v,
-                    synced_action=bindparam("v_action"),
-                    desired_action=case(
-                        (L.desired_version <= v, bindparam("v_action")), else_=L.desired_action
-                    ),
-                    desired_version=case((L.desired_version < v, v), else_=L.desired_version),
-                    # A newer version desired meanwhile keeps the row due.
-                    status=case((L.desired_version > v, Status.PENDING.value), else_=bindparam("v_status")),
-                    remote_id=bindparam("v_remote"),
-                    inflight_key=bindparam("v_inflight"),
-                    payload_digest=bindparam("v_digest"),
-                    priority=case((L.desired_version > v, L.priority), else_=0),
-                    attempts=0,
-                    next_attempt_at=None,
-                    first_failure_at=None,
-                    last_error_code=None,
-                    last_error_message=None,
-                    lease_owner=None,
-                    lease_until=None,
-                    updated_at=now,
-                ),
-                ok,
-            )
+            conn.execute(_RECORD_SUCCESS, [{**mine, **o} for o in ok])
         if retry:
             conn.execute(
                 update(sync_ledger)
@@ -945,6 +890,75 @@ def _due(now: datetime) -> ColumnElement[bool]:
 
 def _lease_free(now: datetime) -> ColumnElement[bool]:
     return or_(L.lease_until.is_(None), L.lease_until < now)
+
+
+# A delivery's statements, built once: building these expressions cost more CPU than running them.
+_NOW: Any = bindparam("now")
+_URGENT_IDS = (
+    select(L.identity_id)
+    # The constant inline, so the planner can match the partial index ix_sync_ledger_urgent.
+    .where(L.target == bindparam("k_target"), L.priority > literal_column("0"), _due(_NOW), _lease_free(_NOW))
+    .order_by(L.updated_at)
+    .limit(_URGENT_PER_CALL)
+)
+# Pending only (a row in back-off waits for its time): the due index narrows the search to them.
+_PENDING_IDS = (
+    select(L.identity_id)
+    .where(L.target == bindparam("k_target"), L.status == Status.PENDING.value, _due(_NOW), _lease_free(_NOW))
+    .limit(bindparam("n"))
+)
+_CLAIM = (
+    update(sync_ledger)
+    .where(
+        L.target == bindparam("k_target"),
+        L.identity_id.in_(bindparam("k_ids", expanding=True)),
+        _due(_NOW),
+        _lease_free(_NOW),
+    )
+    .values(lease_owner=bindparam("v_owner"), lease_until=bindparam("v_until"))
+    .returning(*sync_ledger.c)
+)
+# Fenced: a row whose lease another worker took since is left alone.
+_FENCE = and_(
+    L.target == bindparam("k_target"),
+    L.identity_id == bindparam("k_id"),
+    L.lease_owner == bindparam("k_owner"),
+)
+_NOTE_ATTEMPT = (
+    update(sync_ledger)
+    .where(_FENCE)
+    .values(
+        payload_digest=None,
+        inflight_key=bindparam("k_key"),
+        remote_id=bindparam("k_remote"),
+        synced_action=bindparam("k_action"),
+    )
+)
+_V: Any = bindparam("v_version")
+_RECORD_SUCCESS = (
+    update(sync_ledger)
+    .where(_FENCE)
+    .values(
+        synced_version=_V,
+        synced_action=bindparam("v_action"),
+        desired_action=case((L.desired_version <= _V, bindparam("v_action")), else_=L.desired_action),
+        desired_version=case((L.desired_version < _V, _V), else_=L.desired_version),
+        # A newer version desired meanwhile keeps the row due.
+        status=case((L.desired_version > _V, Status.PENDING.value), else_=bindparam("v_status")),
+        remote_id=bindparam("v_remote"),
+        inflight_key=bindparam("v_inflight"),
+        payload_digest=bindparam("v_digest"),
+        priority=case((L.desired_version > _V, L.priority), else_=0),
+        attempts=0,
+        next_attempt_at=None,
+        first_failure_at=None,
+        last_error_code=None,
+        last_error_message=None,
+        lease_owner=None,
+        lease_until=None,
+        updated_at=bindparam("v_now"),
+    )
+)
 
 
 # ---------------------------------------------------------------------------------- target health
