@@ -473,7 +473,7 @@ def _mark(
             conn.rollback()
             return {}
         if new:
-            sync._upsert_desired(conn, new, now)
+            sync._upsert_desired(conn, new)
         if again:
             v: Any = bindparam("v_version")
             conn.execute(

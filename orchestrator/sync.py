@@ -119,7 +119,7 @@ def fanout(
                     values.append(_desired(cfg.name, gid, "Group", grp.version, action, 0, now))
         urgent = {(v["target"], v["identity_id"]) for v in values if v["priority"]}
         # Consent changes first, so the deliveries enqueued from this list take them first.
-        for target, ident_id in sorted(_upsert_desired(conn, values, now), key=lambda k: k not in urgent):
+        for target, ident_id in sorted(_upsert_desired(conn, values), key=lambda k: k not in urgent):
             due[target].append(ident_id)
         fanned_out(conn, seqs)
         erased = {u: i.deleted_at for u, i in users.items() if i.deleted_at is not None}
@@ -146,7 +146,7 @@ def _desired(
     }
 
 
-def _upsert_desired(conn: Connection, values: list[dict[str, Any]], now: datetime) -> list[tuple[str, str]]:
+def _upsert_desired(conn: Connection, values: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """Insert or raise desired versions; returns the rows that changed.
 
     One statement compiled once and sent as an executemany, which SQLAlchemy turns into multi-row INSERTs
@@ -154,11 +154,21 @@ def _upsert_desired(conn: Connection, values: list[dict[str, Any]], now: datetim
     columns per row that compilation cost more than the database's work."""
     if not values:
         return []
+    stmt = _UPSERT_DESIRED.get(conn.dialect.name)
+    if stmt is None:
+        stmt = _UPSERT_DESIRED[conn.dialect.name] = _upsert_desired_statement(conn)
+    return [(r.target, r.identity_id) for r in conn.execute(stmt, values)]
+
+
+_UPSERT_DESIRED: dict[str, Any] = {}  # by dialect: built once, like every statement on the hot path
+
+
+def _upsert_desired_statement(conn: Connection) -> Any:
     dialect_insert = postgresql.insert if is_postgres(conn) else sqlite.insert
     ins = dialect_insert(sync_ledger)
     ex = ins.excluded
     was_dead = L.status == Status.DEAD.value
-    stmt = ins.on_conflict_do_update(
+    return ins.on_conflict_do_update(
         index_elements=[L.target, L.identity_id],
         set_={
             "desired_version": ex.desired_version,
@@ -174,29 +184,33 @@ def _upsert_desired(conn: Connection, values: list[dict[str, Any]], now: datetim
                 (L.priority > ex.priority, L.priority),
                 else_=ex.priority,
             ),
-            "enqueued_at": now,
-            "updated_at": now,
+            "enqueued_at": ex.enqueued_at,  # now, as every row of ``values`` says
+            "updated_at": ex.updated_at,
         },
         # desired_version only ever grows: an older event changes nothing.
         where=L.desired_version < ex.desired_version,
     ).returning(L.target, L.identity_id)
-    return [(r.target, r.identity_id) for r in conn.execute(stmt, values)]
 
 
 def _current_users(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
     if not ids:
         return {}
-    i = identities.c
-    q = select(i.id, i.version, i.doc, i.deleted_at, i.updated_at)
-    return {r.id: r for r in conn.execute(q.where(i.id.in_(list(ids))))}
+    return {r.id: r for r in conn.execute(_CURRENT_USERS, {"ids": list(ids)})}
 
 
 def _current_groups(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
     if not ids:
         return {}
-    g = groups.c
-    q = select(g.id, g.version, g.display_name, g.deleted_at, g.updated_at)
-    return {r.id: r for r in conn.execute(q.where(g.id.in_(list(ids))))}
+    return {r.id: r for r in conn.execute(_CURRENT_GROUPS, {"ids": list(ids)})}
+
+
+_I, _G = identities.c, groups.c
+_CURRENT_USERS = select(_I.id, _I.version, _I.doc, _I.deleted_at, _I.updated_at).where(
+    _I.id.in_(bindparam("ids", expanding=True))
+)
+_CURRENT_GROUPS = select(_G.id, _G.version, _G.display_name, _G.deleted_at, _G.updated_at).where(
+    _G.id.in_(bindparam("ids", expanding=True))
+)
 
 
 def _provisioned(row: Any) -> bool:
