@@ -722,7 +722,6 @@ def _record(
                 "r_message": message,
             }
         )
-    fence = and_(L.target == cfg.name, L.identity_id == bindparam("k_id"), L.lease_owner == owner)
     mine = {"k_target": cfg.name, "k_owner": owner, "v_now": now}
     with engine.begin() as conn:
         _erasure_receipts(conn, cfg.name, jobs, owner, now)
@@ -731,7 +730,7 @@ def _record(
         if retry:
             conn.execute(
                 update(sync_ledger)
-                .where(fence)
+                .where(_FENCE)
                 .values(
                     status=Status.RETRYING.value,
                     attempts=bindparam("r_attempts"),
@@ -742,16 +741,16 @@ def _record(
                     enqueued_at=None,
                     lease_owner=None,
                     lease_until=None,
-                    updated_at=now,
+                    updated_at=bindparam("v_now"),
                 ),
-                retry,
+                [{**mine, **r} for r in retry],
             )
         for job, code, message, attempts in dead:
             _dead_letter(conn, cfg.name, job, code, message, attempts, owner, now, report)
         if release:
             conn.execute(
-                update(sync_ledger).where(fence).values(lease_owner=None, lease_until=None),
-                [{"k_id": i} for i in release],
+                update(sync_ledger).where(_FENCE).values(lease_owner=None, lease_until=None),
+                [{**mine, "k_id": i} for i in release],
             )
         if purged:
             conn.execute(
