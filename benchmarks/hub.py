@@ -131,6 +131,26 @@ def _family(root: int) -> set[int]:
     return out
 
 
+def wait_started(root: int, workers: int, timeout: float = 120.0) -> None:
+    """Wait until the server ``root`` has its ``workers`` processes up and idle.
+
+    Its first worker answers the health check while the others are still starting, and a keep-alive connection
+    stays with the process that accepted it: a client connecting then would send everything to that one.
+    """
+    if workers <= 1:
+        return
+    deadline = time.monotonic() + timeout
+    previous = None
+    while time.monotonic() < deadline:
+        family = _family(root) - {root}
+        busy = _cpu_of(family)
+        if len(family) >= workers and previous is not None and busy - previous < 0.02:
+            return
+        previous = busy if len(family) >= workers else None
+        time.sleep(0.25)
+    raise TimeoutError(f"the server's {workers} workers did not settle within {timeout} s")
+
+
 def _machine_cpu() -> float:
     """CPU seconds every core of the machine spent busy since boot."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -311,6 +331,7 @@ def main() -> int:
         server = subprocess.Popen([*idhub, "serve", "--port", str(port), "--workers", workers], env=env)
         # Generous: on a busy shared machine the workers take long to import and migrate.
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=120)
+        wait_started(server.pid, int(workers))
         results = asyncio.run(run("127.0.0.1", port, token, server.pid, url.rsplit("/", 1)[1]))
         engine = create_engine(url)
         with engine.connect() as conn:

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, insert, select, text, update
 
+from benchmarks.hub import wait_started
 from orchestrator import migrations
 from orchestrator.auth import create_token
 from orchestrator.db import identities, make_engine, now, outbox
@@ -414,9 +415,10 @@ class World:
 
     def start_api(self) -> str:
         port = free_port()
-        self.idhub("api", "serve", "--port", str(port), "--workers", str(self.tuning.server_workers))
+        api = self.idhub("api", "serve", "--port", str(port), "--workers", str(self.tuning.server_workers))
         self.base = f"http://127.0.0.1:{port}"
         wait_http(f"{self.base}/readyz", timeout=60)
+        wait_started(api.pid, self.tuning.server_workers)
         return self.base
 
     def queues(self, group: str) -> str:
