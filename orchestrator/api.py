@@ -464,7 +464,7 @@ def create_app(settings: Settings, engine: Engine | None = None, *, migrate: boo
 
 
 def app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory``: the app on the settings of the environment."""
+    """The server's factory (``idhub serve``): the app on the settings of the environment."""
     from orchestrator import settings as settings_module
 
     return create_app(settings_module.get())

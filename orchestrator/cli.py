@@ -29,30 +29,39 @@ def _engine() -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from orchestrator.api import create_app
+    # granian, not uvicorn: under uvicorn the first worker to wake accepted every connection waiting, so
+    # keep-alive clients that connect together (a Bulk loader, a connection pool) often all stayed on one
+    # process while the others idled. granian's workers share them more evenly and parse HTTP outside the GIL.
+    from granian import Granian
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
 
     engine = _engine()  # migrated once, before any worker starts
     workers = args.workers
     if workers is None:
         workers = 2 * (os.cpu_count() or 1) if engine.dialect.name == "postgresql" else 1
-    if workers > 1:
-        engine.dispose()
-        uvicorn.run(
-            "orchestrator.api:app_from_env",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            workers=workers,
-            log_level="warning",
-            access_log=False,
-            log_config=None,  # uvicorn's loggers go through idhub's (orchestrator.logs)
-        )
-        return 0
-    app = create_app(settings.get(), engine)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, log_config=None)
+    engine.dispose()
+    server = Granian(
+        "orchestrator.api:app_from_env",
+        factory=True,
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        websockets=False,
+        respawn_failed_workers=True,
+        log_level=LogLevels.error,  # not its warning that more processes than CPUs were asked for: on purpose
+        # No handlers of granian's own: its lines reach the root logger, formatted and redacted as ours.
+        log_dictconfig={"version": 1, "disable_existing_loggers": False, "loggers": _SERVER_LOGGERS},
+    )
+    try:
+        server.serve()
+    except RuntimeError as exc:  # a taken port, an address not ours...: granian's first line says which
+        raise CliError(f"cannot serve on {args.host}:{args.port}: {str(exc).splitlines()[0]}") from None
     return 0
+
+
+_SERVER_LOGGERS = {name: {"handlers": [], "propagate": True} for name in ("_granian", "granian.access")}
 
 
 def cmd_db_upgrade(_: argparse.Namespace) -> int:

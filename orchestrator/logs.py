@@ -231,9 +231,9 @@ _QUIET: Final = {
 _DEBUG_LOUDER: Final = {"httpx": logging.INFO, "alembic": logging.INFO}
 
 
-# Loggers a server may have given handlers of its own (uvicorn's default logging config): their lines go to
-# the root's handler instead, so they are formatted and redacted like every other.
-_OWN_HANDLERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.access")
+# Loggers a server may have given handlers of its own (uvicorn's or granian's default logging config): their
+# lines go to the root's handler instead, so they are formatted and redacted like every other.
+_OWN_HANDLERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.access", "_granian", "granian.access")
 
 
 class _Handler(logging.StreamHandler[TextIO]):

@@ -20,6 +20,7 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     names = ["sqlalchemy", "httpx", "httpcore", "alembic", "uvicorn", "uvicorn.error", "uvicorn.access"]
+    names.append("_granian")
     saved = {
         n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
         for n in names

@@ -312,12 +312,13 @@ def test_settings_level_wins_over_the_callers(restore_logging: None, monkeypatch
         settings.get.cache_clear()
 
 
-def test_servers_with_handlers_of_their_own_are_routed_too(restore_logging: None) -> None:
-    server = logging.getLogger("uvicorn.error")
-    server.addHandler(logging.StreamHandler(io.StringIO()))  # what uvicorn's default logging config does
+@pytest.mark.parametrize("name", ["uvicorn.error", "_granian"])
+def test_servers_with_handlers_of_their_own_are_routed_too(restore_logging: None, name: str) -> None:
+    server = logging.getLogger(name)
+    server.addHandler(logging.StreamHandler(io.StringIO()))  # what the server's default logging config does
     server.propagate = False
     buffer = io.StringIO()
     logs.configure("json", "INFO", stream=buffer)
     server.warning("client %s sent a bad header", EMAIL)
     (line,) = [json.loads(text) for text in buffer.getvalue().splitlines()]
-    assert (line["logger"], line["event"]) == ("uvicorn.error", f"client {EMAIL_MARK} sent a bad header")
+    assert (line["logger"], line["event"]) == (name, f"client {EMAIL_MARK} sent a bad header")
