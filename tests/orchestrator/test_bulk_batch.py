@@ -60,7 +60,7 @@ class Statements:
         self.inserts = 0
 
     def _seen(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO IDENTITIES"):
+        if "INSERT INTO IDENTITIES" in statement.upper():
             self.inserts += 1
 
     def __enter__(self) -> Statements:
