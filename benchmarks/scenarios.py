@@ -13,11 +13,12 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import select
 
-from benchmarks.hub import percentile
+from benchmarks.hub import PREFIX, Connection, percentile
 from benchmarks.world import APP_TOKEN, World, customer, env_float, env_int, env_kinds, phase
 from connectors.base import Record
 from connectors.errors import RetryableError
@@ -25,7 +26,6 @@ from connectors.registry import build
 from orchestrator.db import identities, outbox
 from orchestrator.mapping import compile_mapping, match_key
 from orchestrator.targets import connector_settings, in_scope, load_targets
-from tests.hub import SCIM
 
 Scenario = Callable[[Path], dict[str, Any]]
 
@@ -113,37 +113,48 @@ def drain(work: Path) -> dict[str, Any]:
 
 
 async def _offer(base: str, token: str, rate: float, seconds: float, run: str) -> list[dict[str, Any]]:
-    """POST new customers at a fixed rate (open loop: a slow answer never delays the next request)."""
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": SCIM}
+    """POST new customers at a fixed rate (open loop: a slow answer never delays the next request).
+
+    Over keep-alive connections of the lean client ``make bench-hub`` uses: an httpx client spent about 2 ms
+    of CPU a request, a fifth of this machine at 200/s, taken from the hub it measures.
+    """
+    where = urlsplit(base)
+    assert where.hostname is not None
+    assert where.port is not None
     inflight = env_int("BENCH_LATENCY_INFLIGHT", 64)
-    limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
-    # Requests beyond ``inflight`` wait here, not in httpx's pool (whose queue is slow when thousands wait).
-    gate = asyncio.Semaphore(inflight)
+    # Requests beyond ``inflight`` wait for a free connection here.
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(inflight):
+        idle.put_nowait(Connection(where.hostname, where.port, token))
     sent: list[dict[str, Any]] = []
-    async with httpx.AsyncClient(base_url=f"{base}/scim/v2", headers=headers, limits=limits, timeout=60) as c:
 
-        async def one(i: int) -> None:
-            body = customer(i, run, prefix="l")
-            entry: dict[str, Any] = {"email": body["userName"].lower(), "sent": time.time()}
-            try:
-                async with gate:
-                    r = await c.post("/Users", json=body)
-                entry["status"] = r.status_code
-                entry["id"] = r.json().get("id") if r.status_code == 201 else None
-            except httpx.HTTPError as exc:
-                entry["status"] = type(exc).__name__
-            entry["answered"] = time.time()
-            sent.append(entry)
+    async def one(i: int) -> None:
+        body = customer(i, run, prefix="l")
+        entry: dict[str, Any] = {"email": body["userName"].lower(), "sent": time.time()}
+        connection = await idle.get()
+        try:
+            status, answer = await asyncio.wait_for(connection.request("POST", PREFIX + "/Users", body), 60)
+            entry["status"] = status
+            entry["id"] = answer.get("id") if status == 201 else None
+        except (OSError, EOFError, RuntimeError, TimeoutError) as exc:
+            entry["status"] = type(exc).__name__
+            await connection.close()  # in an unknown state: the next request opens a new one
+        finally:
+            idle.put_nowait(connection)
+        entry["answered"] = time.time()
+        sent.append(entry)
 
-        total = int(rate * seconds)
-        started = time.perf_counter()
-        tasks = []
-        for i in range(total):
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+    total = int(rate * seconds)
+    started = time.perf_counter()
+    tasks = []
+    for i in range(total):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    while not idle.empty():
+        await idle.get_nowait().close()
     return sent
 
 
