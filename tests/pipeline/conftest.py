@@ -3,6 +3,7 @@ helpers that change identities the way the hub does (row + outbox event in one t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -178,28 +179,38 @@ class Workers:
         ]
         if beat:
             cmd += ["-B", "-s", str(self.tmp / f"beat-{name}")]
+        # A group of its own: the embedded beat (-B) and prefork children go with the worker when it is
+        # killed, as with a lost node, instead of living on as orphans that keep scheduling tasks.
         with open(self.tmp / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen(
-                cmd, env=self.env, cwd=str(self.tmp), stdout=log, stderr=subprocess.STDOUT
+                cmd,
+                env=self.env,
+                cwd=str(self.tmp),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.procs.append(proc)
         return proc
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.send_signal(signal.SIGKILL)
+        _signal_group(proc, signal.SIGKILL)
         proc.wait(10)
 
     def stop_all(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
         for proc in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            _signal_group(proc, signal.SIGKILL)  # whatever of the group outlived its worker
+            proc.wait(5)
         self.procs.clear()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 @pytest.fixture(scope="module")
