@@ -50,6 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=workers,
         websockets=False,
         respawn_failed_workers=True,
+        # A worker told to stop while it was still starting never stops by itself: stopped the hard way.
+        workers_kill_timeout=_STOP_SECONDS,
         log_level=LogLevels.error,  # not its warning that more processes than CPUs were asked for: on purpose
         # No handlers of granian's own: its lines reach the root logger, formatted and redacted as ours.
         log_dictconfig={"version": 1, "disable_existing_loggers": False, "loggers": _SERVER_LOGGERS},
@@ -61,6 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Long enough for any request to finish (a full Bulk takes a few seconds), short of an orchestrator's 30 s.
+_STOP_SECONDS = 10
 _SERVER_LOGGERS = {name: {"handlers": [], "propagate": True} for name in ("_granian", "granian.access")}
 
 

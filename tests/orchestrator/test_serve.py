@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,18 @@ from tests.hub import SCIM, free_port, user, wait_http
 def _serve(tmp_path: Path, env: dict[str, str], port: int, *extra: str) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port), *extra]
     with open(tmp_path / "out.log", "wb") as out, open(tmp_path / "err.log", "wb") as err:
-        return subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=tmp_path)
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=tmp_path, start_new_session=True)
+
+
+def _kill_group(server: subprocess.Popen[bytes]) -> None:
+    """Whatever of the server is left when a test fails, workers included."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(10)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
 
 def test_serve_answers_scim_logs_through_idhub_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -48,11 +60,11 @@ def test_serve_answers_scim_logs_through_idhub_and_stops_on_sigterm(tmp_path: Pa
                 assert client.get("/Users", headers={"Authorization": "Bearer nope"}).status_code == 401
             workers = descendants(server.pid)
             assert len(workers) >= 2
-        finally:
             server.send_signal(signal.SIGTERM)
-            code = server.wait(30)
-        assert code == 0
-        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived the server"
+            assert server.wait(30) == 0
+            assert not _alive(workers), "a worker outlived the server"
+        finally:
+            _kill_group(server)
         assert (tmp_path / "out.log").read_text() == ""
         lines = [json.loads(line) for line in (tmp_path / "err.log").read_text().splitlines()]
         statuses = sorted(line["status"] for line in lines if line.get("event") == "http request")
@@ -73,3 +85,18 @@ def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
         assert server.wait(60) == 2
     (line,) = (tmp_path / "err.log").read_text().splitlines()
     assert line.startswith(f"idhub: cannot serve on 127.0.0.1:{port}: Address already in use"), line
+
+
+def test_serve_stops_when_told_to_while_its_workers_still_start(tmp_path: Path) -> None:
+    # The first worker answers while the others are still starting; a rolling deploy may stop it right then.
+    env = {**os.environ, "IDHUB_DATABASE_URL": f"sqlite:///{tmp_path}/hub.db"}
+    port = free_port()
+    server = _serve(tmp_path, env, port, "--workers", "3")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        workers = descendants(server.pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        assert not _alive(workers), "a worker outlived the server"
+    finally:
+        _kill_group(server)
