@@ -114,7 +114,8 @@ def flush() -> None:
     if conn.dialect.name == "postgresql":
         rows = [{"row": r, "event": e} for r, e in zip(batch.identities, batch.events, strict=True)]
         statement = _batch_create_statement(tuple(batch.identities[0]), tuple(batch.events[0]))
-        written = len(conn.execute(statement, {"rows": json.dumps(rows, default=_iso)}).all())
+        # The stamps are the only values JSON lacks; PostgreSQL reads str(datetime) as a timestamptz.
+        written = len(conn.execute(statement, {"rows": json.dumps(rows, default=str)}).all())
     else:
         written = len(conn.execute(_insert_new_statement("sqlite", identities), batch.identities).all())
         if written == len(batch.identities):
@@ -195,12 +196,6 @@ def _batch_create_statement(row_columns: tuple[str, ...], event_columns: tuple[s
         RETURNING seq
         """  # noqa: S608 - column names of our own tables, never input
     )
-
-
-def _iso(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 _EVENT_COLUMNS = ("event_id", "resource_type", "version", "kind", "changed", "created_at")
