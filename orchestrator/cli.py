@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -52,9 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         respawn_failed_workers=True,
         # A worker told to stop while it was still starting never stops by itself: stopped the hard way.
         workers_kill_timeout=_STOP_SECONDS,
-        log_level=LogLevels.error,  # not its warning that more processes than CPUs were asked for: on purpose
-        # No handlers of granian's own: its lines reach the root logger, formatted and redacted as ours.
-        log_dictconfig={"version": 1, "disable_existing_loggers": False, "loggers": _SERVER_LOGGERS},
+        log_level=LogLevels.warning,
+        log_dictconfig=_SERVER_LOGGING,
     )
     try:
         server.serve()
@@ -65,7 +65,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # Long enough for any request to finish (a full Bulk takes a few seconds), short of an orchestrator's 30 s.
 _STOP_SECONDS = 10
-_SERVER_LOGGERS = {name: {"handlers": [], "propagate": True} for name in ("_granian", "granian.access")}
+
+
+class _OnPurpose(logging.Filter):
+    """Drops granian's warning that more workers than CPUs were asked for: a worker waits on the database
+    for much of a request, so two per CPU is the default on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Configured number of workers appears to be higher")
+
+
+# No handlers of granian's own: its lines reach the root logger, formatted and redacted as ours.
+_SERVER_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"on_purpose": {"()": _OnPurpose}},
+    "loggers": {
+        "_granian": {"handlers": [], "propagate": True, "filters": ["on_purpose"]},
+        "granian.access": {"handlers": [], "propagate": True},
+    },
+}
 
 
 def cmd_db_upgrade(_: argparse.Namespace) -> int:

@@ -20,18 +20,16 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     names = ["sqlalchemy", "httpx", "httpcore", "alembic", "uvicorn", "uvicorn.error", "uvicorn.access"]
-    names.append("_granian")
-    saved = {
-        n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
-        for n in names
-    }
+    names += ["_granian", "granian.access"]
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(lg, lg.level, list(lg.handlers), list(lg.filters), lg.propagate) for lg in loggers]
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-    for n, (lvl, own, propagate) in saved.items():
-        logger = logging.getLogger(n)
+    for logger, lvl, own, filters, propagate in saved:
         logger.setLevel(lvl)
         logger.handlers[:] = own
+        logger.filters[:] = filters
         logger.propagate = propagate
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
