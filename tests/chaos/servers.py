@@ -23,6 +23,22 @@ import redis
 from tests.hub import free_port
 
 
+def signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Signal the process group ``process`` leads (started with ``start_new_session``), if any is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def stop_group(process: subprocess.Popen[bytes], *, sig: signal.Signals, timeout: float = 10.0) -> None:
+    """Signal the group, wait for its leader, then SIGKILL whatever of the group is left."""
+    signal_group(process, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout)
+    signal_group(process, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid``, read from /proc."""
     found, frontier = [], [pid]
@@ -79,16 +95,8 @@ class Procs:
     def stop(self, role: str, *, sig: signal.Signals = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Signal the role's process group, wait, then SIGKILL whatever of the group is left."""
         process = self.running.pop(role, None)
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(5)
+        if process is not None:
+            stop_group(process, sig=sig, timeout=timeout)
 
     def on_exit(self, name: str, callback: object) -> None:
         """Run ``callback()`` in ``stop_all`` after the processes (servers that daemonize themselves)."""

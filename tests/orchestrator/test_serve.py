@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import httpx
 from orchestrator import migrations
 from orchestrator.auth import create_token
 from orchestrator.db import make_engine
-from tests.chaos.servers import descendants
+from tests.chaos.servers import descendants, stop_group
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.hub import SCIM, free_port, user, wait_http
 
@@ -25,13 +24,6 @@ def _serve(tmp_path: Path, env: dict[str, str], port: int, *extra: str) -> subpr
     argv = [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port), *extra]
     with open(tmp_path / "out.log", "wb") as out, open(tmp_path / "err.log", "wb") as err:
         return subprocess.Popen(argv, env=env, stdout=out, stderr=err, cwd=tmp_path, start_new_session=True)
-
-
-def _kill_group(server: subprocess.Popen[bytes]) -> None:
-    """Whatever of the server is left when a test fails, workers included."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    server.wait(10)
 
 
 def _alive(pids: list[int]) -> list[int]:
@@ -64,7 +56,7 @@ def test_serve_answers_scim_logs_through_idhub_and_stops_on_sigterm(tmp_path: Pa
             assert server.wait(30) == 0
             assert not _alive(workers), "a worker outlived the server"
         finally:
-            _kill_group(server)
+            stop_group(server, sig=signal.SIGKILL)  # what a failed test left, workers included
         assert (tmp_path / "out.log").read_text() == ""
         lines = [json.loads(line) for line in (tmp_path / "err.log").read_text().splitlines()]
         statuses = sorted(line["status"] for line in lines if line.get("event") == "http request")
@@ -99,4 +91,4 @@ def test_serve_stops_when_told_to_while_its_workers_still_start(tmp_path: Path) 
         assert server.wait(30) == 0
         assert not _alive(workers), "a worker outlived the server"
     finally:
-        _kill_group(server)
+        stop_group(server, sig=signal.SIGKILL)  # what a failed test left, workers included

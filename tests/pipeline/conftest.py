@@ -3,7 +3,6 @@ helpers that change identities the way the hub does (row + outbox event in one t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from orchestrator.ledger import sync_ledger
 from orchestrator.relay import run_forever
 from orchestrator.scim.storage import tombstone
 from orchestrator.targets import TargetConfig, connector_settings, parse_targets
+from tests.chaos.servers import signal_group, stop_group
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.pipeline.recording import RecordingTarget
 from tests.services import REDIS_URL
@@ -194,23 +194,14 @@ class Workers:
         return proc
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        _signal_group(proc, signal.SIGKILL)
-        proc.wait(10)
+        stop_group(proc, sig=signal.SIGKILL)
 
     def stop_all(self) -> None:
         for proc in self.procs:
-            _signal_group(proc, signal.SIGTERM)
+            signal_group(proc, signal.SIGTERM)  # all at once: they stop side by side
         for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-            _signal_group(proc, signal.SIGKILL)  # whatever of the group outlived its worker
-            proc.wait(5)
+            stop_group(proc, sig=signal.SIGTERM)
         self.procs.clear()
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
 
 
 @pytest.fixture(scope="module")
