@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
+from pydantic import TypeAdapter
 from scim2_models import (
     InvalidValueException,
     Meta,
@@ -327,6 +328,20 @@ def group_columns(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 Member = tuple[str, str, str | None]  # id, resource type, display
 
+
+@dataclass(frozen=True)
+class Found:
+    """A page of stored resources of one type, as read: rows (``doc`` and stamps) and group members by id."""
+
+    resource_type: ResourceType
+    total: int
+    rows: list[Any]
+    members: dict[str, list[dict[str, Any]]]
+
+
+# The serializer pydantic gives a datetime field, so stamps read the same with or without a model.
+_STAMP: TypeAdapter[datetime] = TypeAdapter(datetime)
+
 # Attributes copied into indexed columns must fit them.
 COLUMN_LIMITS = {"userName": 256, "externalId": 256, "displayName": 256, "emails.value": 320}
 
@@ -375,7 +390,7 @@ class SqlStorage(ScimStorage):
         self._check_values(doc)
         return doc
 
-    def _build(
+    def build(
         self,
         resource_type: ResourceType,
         row: Any,
@@ -393,6 +408,16 @@ class SqlStorage(ScimStorage):
             version=etag(row.version),
         )
         return resource
+
+    @staticmethod
+    def meta_of(resource_type: ResourceType, row: Any) -> dict[str, Any]:
+        """The meta ``build`` gives a stored row, as a response carries it (without its location)."""
+        return {
+            "resourceType": resource_type.name,
+            "created": _STAMP.dump_python(_utc(row.created_at), mode="json"),
+            "lastModified": _STAMP.dump_python(_utc(row.updated_at), mode="json"),
+            "version": etag(row.version),
+        }
 
     def _members(self, conn: Connection, group_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {gid: [] for gid in group_ids}
@@ -497,7 +522,7 @@ class SqlStorage(ScimStorage):
         conn = _conn()
         row = self._row(conn, self._table(resource_type), resource_id)
         members = None if self._is_user(resource_type) else self._members(conn, [row.id])[row.id]
-        return self._build(resource_type, row, members)
+        return self.build(resource_type, row, members)
 
     def search(
         self,
@@ -506,6 +531,14 @@ class SqlStorage(ScimStorage):
         *,
         position: Any = None,
     ) -> SearchPage:
+        found = self.find(resource_types, search_request)
+        return SearchPage(
+            total=found.total,
+            resources=[self.build(found.resource_type, row, found.members.get(row.id)) for row in found.rows],
+        )
+
+    def find(self, resource_types: list[ResourceType], search_request: SearchRequest[Any]) -> Found:
+        """The page a search asks for, as stored: rows and group members, which no model holds yet."""
         if len(resource_types) != 1:
             raise NotImplementedException(detail="search one resource type at a time")
         resource_type = resource_types[0]
@@ -523,7 +556,7 @@ class SqlStorage(ScimStorage):
         start = min(max(search_request.start_index or 1, 1), 2**62)
         count = search_request.count
         if count == 0:
-            return SearchPage(total=conn.execute(counted).scalar_one(), resources=[])
+            return Found(resource_type, conn.execute(counted).scalar_one(), [], {})
         # The total rides along with the page: one statement, one snapshot, one round trip.
         query = select(table, counted.scalar_subquery().label("idhub_total")).where(condition)
         descending = str(getattr(search_request, "sort_order", "") or "").lower().endswith("descending")
@@ -544,10 +577,7 @@ class SqlStorage(ScimStorage):
         else:
             total = conn.execute(counted).scalar_one()
         members = {} if self._is_user(resource_type) else self._members(conn, [r.id for r in rows])
-        return SearchPage(
-            total=total,
-            resources=[self._build(resource_type, r, members.get(r.id)) for r in rows],
-        )
+        return Found(resource_type, total, list(rows), members)
 
     def create(self, resource_type: ResourceType, resource: Resource[Any]) -> Resource[Any]:
         is_user = self._is_user(resource_type)
@@ -623,7 +653,7 @@ class SqlStorage(ScimStorage):
     def _stored_copy(self, conn: Connection, resource_type: ResourceType, resource_id: str) -> Resource[Any]:
         row = self._row(conn, self._table(resource_type), resource_id)
         members = None if self._is_user(resource_type) else self._members(conn, [resource_id])[resource_id]
-        return self._build(resource_type, row, members)
+        return self.build(resource_type, row, members)
 
     def _write_members(self, conn: Connection, group_id: str, members: list[Member]) -> None:
         conn.execute(delete(group_members).where(group_members.c.group_id == group_id))
@@ -676,7 +706,7 @@ class SqlStorage(ScimStorage):
                 kind = Kind.MEMBERS_CHANGED
         if not changed:
             # Nothing changed: keep the version and the ETag, and send no event.
-            return self._build(resource_type, row, None if is_user else self._members(conn, [row.id])[row.id])
+            return self.build(resource_type, row, None if is_user else self._members(conn, [row.id])[row.id])
         version = row.version + 1
         stamp = now()
         updated = event_row(str(resource_type.name), row.id, version, kind, changed, stamp)

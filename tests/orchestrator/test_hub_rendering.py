@@ -1,8 +1,9 @@
 """The hub's shortcuts in rendering SCIM answers give exactly what scim2-server's own methods give.
 
-``HubService`` publishes resources without references on a shallow copy, dumps search results once, renders
-successful Bulk results without a BulkResponse model, and plans Bulk requests without ``bulkId:``
-references without looking for them. Each is compared here with the method it stands in for.
+``HubService`` publishes resources without references on a shallow copy, dumps search results once, answers
+searches from stored documents without models where it can, renders successful Bulk results without a
+BulkResponse model, and plans Bulk requests without ``bulkId:`` references without looking for them. Each is
+compared here with the method it stands in for.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,21 +23,29 @@ from scim2_server.bulk import BulkPlan
 from scim2_server.service import ScimService
 from scim2_server.storage import SearchPage
 
-from orchestrator.api import Hub, _PlainBulkPlan
+from orchestrator.api import Hub, _PlainBulkPlan, _stored_shape
 from orchestrator.scim import storage as scim_storage
-from tests.hub import GROUP_SCHEMA, SCIM, client, make_hub, user
+from tests.conftest import create_pg_database, drop_pg_database
+from tests.hub import CUSTOMER, GROUP_SCHEMA, SCIM, client, make_hub, user
 
 BASE = "http://testserver/scim/v2"
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, Hub]]:
-    url = f"sqlite:///{tmp_path_factory.mktemp('rendering')}/hub.db"
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def hub(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, Hub]]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('rendering')}/hub.db"
+    else:
+        url = create_pg_database()
     app, engine = make_hub(url)
     yield client(app, engine), app.state.hub
     engine.dispose()
+    if request.param == "postgresql":
+        drop_pg_database(url)
 
 
 def name() -> str:
@@ -87,6 +97,111 @@ def test_search_response_matches_scim2_server(hub: tuple[TestClient, Hub], query
         theirs = ScimService.search_response(service, BASE, resource_types, page, search_request)
         assert (ours.status, ours.headers) == (theirs.status, theirs.headers)
         assert json.dumps(ours.body, sort_keys=True) == json.dumps(theirs.body, sort_keys=True)
+
+
+def rich_customer() -> dict[str, Any]:
+    """A customer with every kind of attribute the hub stores, a password among them (returned never)."""
+    doc = user(
+        name(),
+        externalId=f"crm-{uuid.uuid4().hex[:6]}",
+        password="s3cret-Passw0rd",
+        name={"givenName": "Ada", "familyName": "Lovelace", "honorificPrefix": "Dr."},
+        displayName="Ada L.",
+        nickName="ada",
+        profileUrl="https://example.org/ada",
+        preferredLanguage="en-GB",
+        locale="en-GB",
+        timezone="Europe/London",
+        active=True,
+        emails=[
+            {"value": "Ada@Example.org", "type": "home", "primary": True},
+            {"value": "ada@work.example", "type": "work"},
+        ],
+        phoneNumbers=[{"value": "+44 20 7946 0000", "type": "mobile"}],
+        addresses=[{"streetAddress": "1 Analytical Way", "locality": "London", "country": "GB"}],
+        photos=[{"value": "https://example.org/ada.png", "type": "photo"}],
+        roles=[{"value": "customer"}],
+        **{
+            CUSTOMER: {
+                "customerNumber": "C-42",
+                "consents": [
+                    {"purpose": "marketing_email", "granted": True, "updatedAt": "2024-03-01T10:00:00+02:00"},
+                    {"purpose": "profiling", "granted": False, "source": "app"},
+                ],
+                "marketingPreferences": {"topics": ["news", "offers"], "frequency": "weekly"},
+                "loyalty": {"tier": "gold", "points": 150, "memberSince": "2020-01-02T03:04:05Z"},
+            }
+        },
+    )
+    return doc
+
+
+def searched(hub: tuple[TestClient, Hub], endpoint: str, query: dict[str, str]) -> tuple[Any, Any, Any]:
+    """The hub's answer to a search from the stored rows, and scim2-server's from the built resources."""
+    _, h = hub
+    service = h.service
+    resource_types = [service.resource_type_at(endpoint)]
+    search_request, _ = service.read_search_query(resource_types, query)
+    with h.engine.connect() as conn, scim_storage.bind(conn):
+        found = h.storage.find(resource_types, search_request)
+        ours = service.found_response(BASE, resource_types, found, search_request, h.storage.build)
+        page = h.storage.search(resource_types, search_request)
+    theirs = ScimService.search_response(service, BASE, resource_types, page, search_request)
+    return found, ours, theirs
+
+
+@pytest.mark.parametrize(
+    "query",
+    [{}, {"attributes": "userName"}, {"excludedAttributes": "emails"}, {"startIndex": "2", "count": "2"}],
+)
+def test_answers_from_stored_documents_match_scim2_server(
+    hub: tuple[TestClient, Hub], query: dict[str, str]
+) -> None:
+    http, _ = hub
+    marker = uuid.uuid4().hex[:8]
+    ids = []
+    for extra in ({}, {"nickName": "p"}):
+        created = http.post("/scim/v2/Users", json={**rich_customer(), "title": marker, **extra})
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["id"])
+    manager = {"value": ids[0], "$ref": f"Users/{ids[0]}"}
+    managed = user(name(), title=marker, **{ENTERPRISE: {"manager": manager, "department": "R&D"}})
+    managed["schemas"].append(ENTERPRISE)
+    assert http.post("/scim/v2/Users", json=managed).status_code == 201
+    members = [{"value": ids[0]}]
+    for group in ({"displayName": f"{marker} empty"}, {"displayName": f"{marker} full", "members": members}):
+        assert http.post("/scim/v2/Groups", json={"schemas": [GROUP_SCHEMA], **group}).status_code == 201
+
+    for endpoint, condition in (
+        ("/Users", f'title eq "{marker}"'),
+        ("/Groups", f'displayName sw "{marker}"'),
+    ):
+        found, ours, theirs = searched(hub, endpoint, {"filter": condition, **query})
+        assert found.total == (3 if endpoint == "/Users" else 2)
+        assert (ours.status, ours.headers) == (theirs.status, theirs.headers)
+        assert json.dumps(ours.body, sort_keys=True) == json.dumps(theirs.body, sort_keys=True)
+        assert "password" not in json.dumps(ours.body)
+
+
+def test_an_empty_search_matches_scim2_server(hub: tuple[TestClient, Hub]) -> None:
+    for query in ({"filter": 'userName eq "nobody@nowhere.example"'}, {"count": "0"}):
+        _, ours, theirs = searched(hub, "/Users", query)
+        assert json.dumps(ours.body, sort_keys=True) == json.dumps(theirs.body, sort_keys=True)
+
+
+def test_documents_are_answered_without_models_only_where_nothing_differs(
+    hub: tuple[TestClient, Hub],
+) -> None:
+    _, h = hub
+    users, groups = (h.service.resource_type_at(endpoint) for endpoint in ("/Users", "/Groups"))
+    shape = _stored_shape(h.service.get_model(users))
+    assert shape is not None
+    assert shape.withheld == {"password"}
+    assert shape.references == {ENTERPRISE, "groups"}
+    row = SimpleNamespace(id="x", doc={"userName": "u", ENTERPRISE: {"department": "D"}})
+    assert h.service.stored_body(BASE, users, row, None) is None  # a manager would need its URL
+    group_row = SimpleNamespace(id="g", doc={"displayName": "g"})
+    assert h.service.stored_body(BASE, groups, group_row, [{"value": "x", "type": "User"}]) is None
 
 
 def test_bulk_response_matches_scim2_server(hub: tuple[TestClient, Hub]) -> None:
