@@ -387,6 +387,9 @@ class SqlStorage(ScimStorage):
     def _doc_of(self, resource: Resource[Any]) -> dict[str, Any]:
         doc = resource.model_dump(exclude={"id", "meta"})
         doc.pop("members", None)
+        # The hub keeps no passwords (migration 0006): customers sign in elsewhere, none is ever returned (RFC
+        # 7643 §4.1.1) or synced, and a copy at rest would only be one more secret to leak.
+        doc.pop("password", None)
         self._check_values(doc)
         return doc
 

@@ -438,3 +438,27 @@ def test_mutability_violations(hub: tuple[TestClient, Engine]) -> None:
     r = c.patch(f"/scim/v2/Users/{u['id']}", json=patch({"op": "explode", "path": "nickName", "value": 1}))
     assert_scim_error(r, 400)
     assert len(events(engine)) == before
+
+
+def test_a_password_sent_is_neither_stored_returned_nor_announced(hub: tuple[TestClient, Engine]) -> None:
+    c, engine = hub
+    secret = f"Pw-{uuid.uuid4().hex}"
+    created = c.post("/scim/v2/Users", json=user(name(), password=secret, nickName="n"))
+    assert created.status_code == 201, created.text
+    uid = created.json()["id"]
+    replaced = c.put(f"/scim/v2/Users/{uid}", json=user(created.json()["userName"], password=secret + "2"))
+    patched = c.patch(
+        f"/scim/v2/Users/{uid}", json=patch({"op": "replace", "path": "password", "value": secret})
+    )
+    searched = c.get("/scim/v2/Users", params={"filter": f'id eq "{uid}"'})
+    for answer in (created, replaced, patched, searched, c.get(f"/scim/v2/Users/{uid}")):
+        assert answer.status_code == 200 if answer is not created else 201, answer.text
+        assert secret not in answer.text
+        assert "password" not in answer.text
+    with engine.connect() as conn:
+        doc = conn.execute(select(db.identities.c.doc).where(db.identities.c.id == uid)).scalar_one()
+    assert "password" not in doc
+    assert secret not in json.dumps(doc)
+    changes = [e for e in events(engine) if e.resource_id == uid]
+    assert changes
+    assert all("password" not in e.changed for e in changes)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import insert, select
 
 import orchestrator.ledger  # noqa: F401 - registers the ledger tables
 from orchestrator import migrations
-from orchestrator.db import make_engine, metadata
+from orchestrator.db import identities, make_engine, metadata
 
 
 def test_migrations_match_the_declared_tables(store_url: str) -> None:
@@ -20,3 +23,30 @@ def test_migrations_match_the_declared_tables(store_url: str) -> None:
     engine.dispose()
     assert diff == []
     assert head is not None
+
+
+def test_passwords_stored_by_earlier_versions_are_removed(store_url: str) -> None:
+    engine = make_engine(store_url)
+    migrations.upgrade(engine, "0005")
+    stamp = datetime(2026, 1, 1, tzinfo=UTC)
+    docs = {
+        "kept": {"userName": "a@x.example"},
+        "cleared": {"userName": "b@x.example", "password": "hunter2!"},
+    }
+    with engine.begin() as conn:
+        for key, doc in docs.items():
+            conn.execute(
+                insert(identities).values(
+                    id=key,
+                    version=1,
+                    doc=doc,
+                    user_name_ci=doc["userName"],
+                    created_at=stamp,
+                    updated_at=stamp,
+                )
+            )
+    migrations.upgrade(engine)
+    with engine.connect() as conn:
+        stored = dict(conn.execute(select(identities.c.id, identities.c.doc)).all())
+    engine.dispose()
+    assert stored == {"kept": {"userName": "a@x.example"}, "cleared": {"userName": "b@x.example"}}
