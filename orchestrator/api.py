@@ -230,17 +230,62 @@ class HubService(ScimService):
     ) -> dict[str, Any] | None:
         """A stored row as a query response without ``attributes`` carries it, or None where only the model
         knows how: references to rewrite into URLs, attributes to leave out below the top level."""
-        shape = _stored_shape(self.get_model(resource_type))
-        if shape is None or members or not shape.references.isdisjoint(row.doc):
+        if members:
             return None
-        body = {key: value for key, value in row.doc.items() if key not in shape.withheld}
-        body["id"] = row.id
         meta = scim_storage.SqlStorage.meta_of(resource_type, row)
-        meta["location"] = self.resource_location(base_url, resource_type, row.id)
+        return self._document_body(base_url, resource_type, row.id, row.doc, meta)
+
+    def _document_body(
+        self, base_url: str, resource_type: ResourceType, resource_id: str, doc: Any, meta: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        shape = _stored_shape(self.get_model(resource_type))
+        if shape is None or not shape.references.isdisjoint(doc):
+            return None
+        body = {key: value for key, value in doc.items() if key not in shape.withheld}
+        body["id"] = resource_id
+        body["meta"] = meta = dict(meta)
+        meta["location"] = self.resource_location(base_url, resource_type, resource_id)
         if not self.etag_supported:
             del meta["version"]
-        body["meta"] = meta
         return body
+
+    def _written_response(
+        self,
+        base_url: str,
+        resource: Resource[Any],
+        response_parameters: ResponseParameters[Any] | None,
+        status: HTTPStatus,
+    ) -> ScimResponse | None:
+        """``resource_response`` for a resource this request just stored, from the document it was stored
+        as: dumping the model again cost a tenth of a creation. None where only the model knows how."""
+        stored = scim_storage.written(resource)
+        if stored is None or resource.id is None:
+            return None
+        if response_parameters is not None and (
+            response_parameters.attributes or response_parameters.excluded_attributes
+        ):
+            return None
+        resource_type = self.get_resource_type_of(resource)
+        body = self._document_body(base_url, resource_type, resource.id, stored.doc, stored.meta)
+        if body is None:
+            return None
+        headers = {"Content-Location": body["meta"]["location"]}
+        if "version" in body["meta"]:
+            headers["ETag"] = body["meta"]["version"]
+        return ScimResponse(status, body, headers)
+
+    def creation_response(self, base_url: str, created: Resource[Any]) -> ScimResponse:
+        response = self._written_response(base_url, created, None, HTTPStatus.CREATED)
+        if response is None:
+            return super().creation_response(base_url, created)
+        response.headers["Location"] = response.headers["Content-Location"]
+        return response
+
+    def replacement_response(
+        self, base_url: str, resource: Resource[Any], response_parameters: ResponseParameters[Any]
+    ) -> ScimResponse:
+        response = self._written_response(base_url, resource, response_parameters, HTTPStatus.OK)
+        return response or super().replacement_response(base_url, resource, response_parameters)
 
     def bulk_response(self, plan: BulkPlan) -> ScimResponse:
         outcomes = plan.outcomes()
@@ -313,7 +358,9 @@ class HubService(ScimService):
         self, base_url: str, resource: Resource[Any], response_parameters: Any
     ) -> ScimResponse:
         # Many identity providers (Okta among them) expect the resource back, not 204.
-        response = self.resource_response(
+        response = self._written_response(
+            base_url, resource, response_parameters, HTTPStatus.OK
+        ) or self.resource_response(
             self.publish(base_url, resource), ScimContext.RESOURCE_REPLACEMENT_RESPONSE, response_parameters
         )
         if resource.meta is not None and resource.meta.version:

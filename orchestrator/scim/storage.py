@@ -75,6 +75,24 @@ class _Unit:
     write: bool
     rows: dict[tuple[str, str], Any] = field(default_factory=dict)
     batch: _Batch | None = None
+    # What each resource ``create`` and ``update`` returned was stored as, by the returned object's id().
+    written: dict[int, Written] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Written:
+    """A resource as this request stored it: its document and its meta as a response carries it."""
+
+    resource: Resource[Any]
+    doc: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def written(resource: Resource[Any]) -> Written | None:
+    """How ``resource``, as ``create`` or ``update`` returned it in this request, was stored; None if not."""
+    unit = _current.get()
+    found = unit.written.get(id(resource)) if unit is not None else None
+    return found if found is not None and found.resource is resource else None
 
 
 class BatchClash(Exception):
@@ -261,6 +279,15 @@ def _utc(stamp: datetime) -> datetime:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
+def _meta(resource_type: ResourceType, created: datetime, modified: datetime, version: int) -> dict[str, Any]:
+    return {
+        "resourceType": resource_type.name,
+        "created": _STAMP.dump_python(_utc(created), mode="json"),
+        "lastModified": _STAMP.dump_python(_utc(modified), mode="json"),
+        "version": etag(version),
+    }
+
+
 def etag(version: int) -> str:
     return f'W/"{version}"'
 
@@ -415,12 +442,7 @@ class SqlStorage(ScimStorage):
     @staticmethod
     def meta_of(resource_type: ResourceType, row: Any) -> dict[str, Any]:
         """The meta ``build`` gives a stored row, as a response carries it (without its location)."""
-        return {
-            "resourceType": resource_type.name,
-            "created": _STAMP.dump_python(_utc(row.created_at), mode="json"),
-            "lastModified": _STAMP.dump_python(_utc(row.updated_at), mode="json"),
-            "version": etag(row.version),
-        }
+        return _meta(resource_type, row.created_at, row.updated_at, row.version)
 
     def _members(self, conn: Connection, group_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {gid: [] for gid in group_ids}
@@ -609,7 +631,7 @@ class SqlStorage(ScimStorage):
         if not is_user:
             self._write_members(conn, resource_id, member_pairs)
             return self._stored_copy(conn, resource_type, resource_id)
-        return self._stamped(resource, resource_type, resource_id, stamp, stamp, 1)
+        return self._stamped(resource, resource_type, resource_id, stamp, stamp, 1, doc)
 
     def _create_later(
         self, batch: _Batch, resource_type: ResourceType, resource: Resource[Any]
@@ -630,7 +652,7 @@ class SqlStorage(ScimStorage):
         batch.events.append(
             event_row(str(resource_type.name), resource_id, 1, Kind.CREATED, changed_paths({}, doc), stamp)
         )
-        return self._stamped(resource, resource_type, resource_id, stamp, stamp, 1)
+        return self._stamped(resource, resource_type, resource_id, stamp, stamp, 1, None)
 
     @staticmethod
     def _stamped(
@@ -640,8 +662,12 @@ class SqlStorage(ScimStorage):
         created: datetime,
         modified: datetime,
         version: int,
+        doc: dict[str, Any] | None,
     ) -> Resource[Any]:
-        """The stored state of a resource just written, without reading it back."""
+        """The stored state of a resource just written as ``doc``, without reading it back.
+
+        A Bulk request's results carry no resources, so its creations (``doc`` None) are not remembered.
+        """
         # Shallow: nothing below mutates the nested values the caller's resource shares with the copy.
         stored = resource.model_copy()
         stored.id = resource_id
@@ -651,6 +677,9 @@ class SqlStorage(ScimStorage):
             last_modified=_utc(modified),
             version=etag(version),
         )
+        if doc is not None:
+            meta = _meta(resource_type, created, modified, version)
+            _unit().written[id(stored)] = Written(stored, doc, meta)
         return stored
 
     def _stored_copy(self, conn: Connection, resource_type: ResourceType, resource_id: str) -> Resource[Any]:
@@ -718,7 +747,7 @@ class SqlStorage(ScimStorage):
         _unit().rows.pop((table.name, row.id), None)
         if not is_user:
             return self._stored_copy(conn, resource_type, row.id)
-        return self._stamped(resource, resource_type, row.id, row.created_at, stamp, version)
+        return self._stamped(resource, resource_type, row.id, row.created_at, stamp, version, doc)
 
     def delete(
         self,

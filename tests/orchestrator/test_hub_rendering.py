@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from types import SimpleNamespace
@@ -198,10 +199,50 @@ def test_documents_are_answered_without_models_only_where_nothing_differs(
     assert shape is not None
     assert shape.withheld == {"password"}
     assert shape.references == {ENTERPRISE, "groups"}
-    row = SimpleNamespace(id="x", doc={"userName": "u", ENTERPRISE: {"department": "D"}})
+    stamps = {"created_at": datetime.now(UTC), "updated_at": datetime.now(UTC), "version": 1}
+    row = SimpleNamespace(id="x", doc={"userName": "u", ENTERPRISE: {"department": "D"}}, **stamps)
     assert h.service.stored_body(BASE, users, row, None) is None  # a manager would need its URL
-    group_row = SimpleNamespace(id="g", doc={"displayName": "g"})
+    group_row = SimpleNamespace(id="g", doc={"displayName": "g"}, **stamps)
     assert h.service.stored_body(BASE, groups, group_row, [{"value": "x", "type": "User"}]) is None
+
+
+def test_answers_to_writes_from_stored_documents_match_scim2_server(hub: tuple[TestClient, Hub]) -> None:
+    _, h = hub
+    service = h.service
+    users = service.resource_type_at("/Users")
+    context = Context.RESOURCE_REPLACEMENT_RESPONSE
+    managed = user(name(), **{ENTERPRISE: {"department": "R&D"}})
+    managed["schemas"].append(ENTERPRISE)
+    for doc, from_document in ((rich_customer(), True), (managed, False)):
+        with h.engine.begin() as conn, scim_storage.bind(conn, write=True):
+            created = h.storage.create(users, service.read_creation(users, json.dumps(doc).encode(), SCIM))
+            assert (
+                service._written_response(BASE, created, None, HTTPStatus.CREATED) is not None
+            ) is from_document
+            answers = [
+                (
+                    service.creation_response(BASE, created),
+                    ScimService.creation_response(service, BASE, created),
+                )
+            ]
+            changed = created.model_copy(update={"nick_name": "changed"})
+            updated = h.storage.update(users, changed, expected_version=created.meta.version)
+            for query in ({}, {"attributes": "nickName"}):
+                parameters = service.read_response_parameters(users, query)
+                published = service.publish(BASE, updated)
+                theirs = ScimService.resource_response(published, context, parameters)
+                theirs.headers["ETag"] = updated.meta.version
+                answers.append((service.patch_response(BASE, updated, parameters), theirs))
+                answers.append(
+                    (
+                        service.replacement_response(BASE, updated, parameters),
+                        ScimService.replacement_response(service, BASE, updated, parameters),
+                    )
+                )
+        for ours, theirs in answers:
+            assert (ours.status, ours.headers) == (theirs.status, theirs.headers)
+            assert json.dumps(ours.body, sort_keys=True) == json.dumps(theirs.body, sort_keys=True)
+            assert "password" not in json.dumps(ours.body)
 
 
 def test_bulk_response_matches_scim2_server(hub: tuple[TestClient, Hub]) -> None:
