@@ -232,7 +232,7 @@ class HubService(ScimService):
         knows how: references to rewrite into URLs, attributes to leave out below the top level."""
         if members:
             return None
-        meta = scim_storage.SqlStorage.meta_of(resource_type, row)
+        meta = scim_storage.response_meta(resource_type, row.created_at, row.updated_at, row.version)
         return self._document_body(base_url, resource_type, row.id, row.doc, meta)
 
     def _document_body(

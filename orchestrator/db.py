@@ -23,9 +23,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     exc,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection
@@ -201,6 +203,31 @@ def engine_for(url: str) -> Engine:
 
 def is_postgres(bind: Engine | Connection) -> bool:
     return bind.dialect.name == "postgresql"
+
+
+# The ledger's statements look up a few hundred ids at a time, and PostgreSQL picks the index for them from
+# its statistics. Without fresh ones it assumes each id matches 0.5 % of the table, so it scanned the whole
+# ledger for them: at 200,000 rows a fan-out's lookup took 37 ms instead of 4 and a claim 15 ms instead of 7
+# (worse under load). autovacuum refreshes them where it runs, but lags while a first load grows the ledger
+# from nothing and never comes where it is off; past this share of rows changed, the sweeper analyzes itself.
+_STALE_SHARE: Final = 0.2
+_STALE_ROWS: Final = 1000
+_ANALYZED: Final = ("sync_ledger",)
+
+
+def refresh_statistics(engine: Engine) -> list[str]:
+    """ANALYZE the tables (PostgreSQL) whose statistics lag far behind their contents; returns their names."""
+    if not is_postgres(engine):
+        return []
+    stale = text(
+        "SELECT relname FROM pg_stat_user_tables WHERE relname IN :names AND schemaname = current_schema()"
+        " AND n_mod_since_analyze > :rows + :share * n_live_tup"
+    ).bindparams(bindparam("names", expanding=True))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        names = list(conn.scalars(stale, {"names": _ANALYZED, "rows": _STALE_ROWS, "share": _STALE_SHARE}))
+        for name in names:
+            conn.exec_driver_sql(f"ANALYZE {name}")  # a name of ours, not input
+    return names
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from connectors.errors import (
     TargetDisabledError,
 )
 from orchestrator import gdpr
-from orchestrator.db import group_members, groups, identities, is_postgres, outbox
+from orchestrator.db import group_members, groups, identities, is_postgres, outbox, refresh_statistics
 from orchestrator.db import now as utcnow
 from orchestrator.guard import HELD, Candidate, hold_mass_deprovisions
 from orchestrator.ledger import (
@@ -1110,6 +1110,10 @@ def sweep(
                 )
                 result.due[cfg.name] = ids
     gdpr.maybe_purge_expired(engine, now)  # at most once per IDHUB_RETENTION_PURGE_INTERVAL
+    try:
+        refresh_statistics(engine)
+    except Exception:  # planner statistics must never stop the sweeper; the next pass tries again
+        log.exception("refreshing the ledger's statistics failed")
     return result
 
 

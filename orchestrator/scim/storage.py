@@ -279,7 +279,10 @@ def _utc(stamp: datetime) -> datetime:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
-def _meta(resource_type: ResourceType, created: datetime, modified: datetime, version: int) -> dict[str, Any]:
+def response_meta(
+    resource_type: ResourceType, created: datetime, modified: datetime, version: int
+) -> dict[str, Any]:
+    """The meta ``build`` gives a resource, as a response carries it (without its location)."""
     return {
         "resourceType": resource_type.name,
         "created": _STAMP.dump_python(_utc(created), mode="json"),
@@ -438,11 +441,6 @@ class SqlStorage(ScimStorage):
             version=etag(row.version),
         )
         return resource
-
-    @staticmethod
-    def meta_of(resource_type: ResourceType, row: Any) -> dict[str, Any]:
-        """The meta ``build`` gives a stored row, as a response carries it (without its location)."""
-        return _meta(resource_type, row.created_at, row.updated_at, row.version)
 
     def _members(self, conn: Connection, group_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {gid: [] for gid in group_ids}
@@ -678,7 +676,7 @@ class SqlStorage(ScimStorage):
             version=etag(version),
         )
         if doc is not None:
-            meta = _meta(resource_type, created, modified, version)
+            meta = response_meta(resource_type, created, modified, version)
             _unit().written[id(stored)] = Written(stored, doc, meta)
         return stored
 
