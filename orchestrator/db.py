@@ -209,7 +209,7 @@ def is_postgres(bind: Engine | Connection) -> bool:
 # its statistics. Without fresh ones it assumes each id matches 0.5 % of the table, so it scanned the whole
 # ledger for them: at 200,000 rows a fan-out's lookup took 37 ms instead of 4 and a claim 15 ms instead of 7
 # (worse under load). autovacuum refreshes them where it runs, but lags while a first load grows the ledger
-# from nothing and never comes where it is off; past this share of rows changed, the sweeper analyzes itself.
+# from nothing and never comes where it is off: past this share of rows changed, the sweeper analyzes it.
 _STALE_SHARE: Final = 0.2
 _STALE_ROWS: Final = 1000
 _ANALYZED: Final = ("sync_ledger",)
