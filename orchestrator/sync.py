@@ -7,6 +7,7 @@ rows whose lease is still its own. Back-off, quarantine and dead letters live in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -19,10 +20,26 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, delete, func, insert, literal_column, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    String,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.type_api import TypeEngine
 
 from connectors.base import Connector, DeprovisionAction, Record, Result
 from connectors.errors import (
@@ -34,7 +51,17 @@ from connectors.errors import (
     TargetDisabledError,
 )
 from orchestrator import gdpr
-from orchestrator.db import group_members, groups, identities, is_postgres, outbox, refresh_statistics
+from orchestrator.db import (
+    InList,
+    group_members,
+    groups,
+    identities,
+    is_postgres,
+    outbox,
+    refresh_statistics,
+    row_params,
+    row_source,
+)
 from orchestrator.db import now as utcnow
 from orchestrator.guard import HELD, Candidate, hold_mass_deprovisions
 from orchestrator.ledger import (
@@ -84,12 +111,7 @@ def fanout(
         users = _current_users(conn, user_ids)
         group_rows = _current_groups(conn, group_ids)
         existing = {
-            (r.target, r.identity_id): r
-            for r in conn.execute(
-                select(
-                    L.target, L.identity_id, L.remote_id, L.synced_action, L.inflight_key, L.desired_version
-                ).where(L.identity_id.in_(user_ids + group_ids))
-            )
+            (r.target, r.identity_id): r for r in conn.execute(_EXISTING, {"ids": user_ids + group_ids})
         }
         values: list[dict[str, Any]] = []
         for cfg in targets:
@@ -147,25 +169,40 @@ def _desired(
 
 
 def _upsert_desired(conn: Connection, values: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """Insert or raise desired versions; returns the rows that changed.
-
-    One statement compiled once and sent as an executemany, which SQLAlchemy turns into multi-row INSERTs
-    ("insertmanyvalues"): a ``.values(list)`` statement is compiled anew for every batch, and with a dozen
-    columns per row that compilation cost more than the database's work."""
+    """Insert or raise desired versions; returns the rows that changed."""
     if not values:
         return []
-    stmt = _UPSERT_DESIRED.get(conn.dialect.name)
-    if stmt is None:
-        stmt = _UPSERT_DESIRED[conn.dialect.name] = _upsert_desired_statement(conn)
-    return [(r.target, r.identity_id) for r in conn.execute(stmt, values)]
+    postgres = is_postgres(conn)
+    params = row_params(_DESIRED_COLUMNS, values, {}, postgres=postgres)
+    return [(r.target, r.identity_id) for r in conn.execute(_upsert_desired_statement(postgres), params)]
 
 
-_UPSERT_DESIRED: dict[str, Any] = {}  # by dialect: built once, like every statement on the hot path
+_DESIRED_COLUMNS: dict[str, TypeEngine[Any]] = {
+    "target": String(),
+    "identity_id": String(),
+    "resource_type": String(),
+    "desired_version": BigInteger(),
+    "desired_action": String(),
+    "status": String(),
+    "attempts": Integer(),
+    "priority": Integer(),
+    "enqueued_at": DateTime(timezone=True),
+    "created_at": DateTime(timezone=True),
+    "updated_at": DateTime(timezone=True),
+}
 
 
-def _upsert_desired_statement(conn: Connection) -> Any:
-    dialect_insert = postgresql.insert if is_postgres(conn) else sqlite.insert
-    ins = dialect_insert(sync_ledger)
+@functools.cache
+def _upsert_desired_statement(postgres: bool) -> Any:
+    # Elsewhere than on PostgreSQL, one statement compiled once and sent as an executemany, which SQLAlchemy
+    # turns into multi-row INSERTs ("insertmanyvalues"): a ``.values(list)`` statement is compiled anew for
+    # every batch, and with a dozen columns per row that compilation cost more than the database's work.
+    ins: Any
+    if postgres:
+        rows = row_source(_DESIRED_COLUMNS, postgres=True)
+        ins = postgresql.insert(sync_ledger).from_select(list(rows), select(*rows.values()))
+    else:
+        ins = sqlite.insert(sync_ledger)
     ex = ins.excluded
     was_dead = L.status == Status.DEAD.value
     return ins.on_conflict_do_update(
@@ -205,12 +242,13 @@ def _current_groups(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
 
 
 _I, _G = identities.c, groups.c
-_CURRENT_USERS = select(_I.id, _I.version, _I.doc, _I.deleted_at, _I.updated_at).where(
-    _I.id.in_(bindparam("ids", expanding=True))
-)
+_CURRENT_USERS = select(_I.id, _I.version, _I.doc, _I.deleted_at, _I.updated_at).where(InList(_I.id, "ids"))
 _CURRENT_GROUPS = select(_G.id, _G.version, _G.display_name, _G.deleted_at, _G.updated_at).where(
-    _G.id.in_(bindparam("ids", expanding=True))
+    InList(_G.id, "ids")
 )
+_EXISTING = select(
+    L.target, L.identity_id, L.remote_id, L.synced_action, L.inflight_key, L.desired_version
+).where(InList(L.identity_id, "ids"))
 
 
 def _provisioned(row: Any) -> bool:
@@ -422,7 +460,9 @@ def _note_attempts(engine: Engine, target: str, jobs: list[_Job], owner: str) ->
     ]
     if params:
         with engine.begin() as conn:
-            conn.execute(_NOTE_ATTEMPT, [{"k_target": target, "k_owner": owner, **p} for p in params])
+            postgres = is_postgres(conn)
+            shared = {"k_target": target, "k_owner": owner}
+            conn.execute(_note_attempt(postgres), row_params(_NOTED, params, shared, postgres=postgres))
 
 
 def _upserts_user(job: _Job) -> bool:
@@ -726,7 +766,8 @@ def _record(
     with engine.begin() as conn:
         _erasure_receipts(conn, cfg.name, jobs, owner, now)
         if ok:
-            conn.execute(_RECORD_SUCCESS, [{**mine, **o} for o in ok])
+            postgres = is_postgres(conn)
+            conn.execute(_record_success(postgres), row_params(_RECORDED, ok, mine, postgres=postgres))
         if retry:
             conn.execute(
                 update(sync_ledger)
@@ -924,7 +965,7 @@ _CLAIM = (
     update(sync_ledger)
     .where(
         L.target == bindparam("k_target"),
-        L.identity_id.in_(bindparam("k_ids", expanding=True)),
+        InList(L.identity_id, "k_ids"),
         _due(_NOW),
         _lease_free(_NOW),
     )
@@ -937,41 +978,76 @@ _FENCE = and_(
     L.identity_id == bindparam("k_id"),
     L.lease_owner == bindparam("k_owner"),
 )
-_NOTE_ATTEMPT = (
-    update(sync_ledger)
-    .where(_FENCE)
-    .values(
-        payload_digest=None,
-        inflight_key=bindparam("k_key"),
-        remote_id=bindparam("k_remote"),
-        synced_action=bindparam("k_action"),
+_NOTED: dict[str, TypeEngine[Any]] = {
+    "k_id": String(),
+    "k_key": String(),
+    "k_remote": String(),
+    "k_action": String(),
+}
+
+
+@functools.cache
+def _note_attempt(postgres: bool) -> Any:
+    row = row_source(_NOTED, postgres=postgres)
+    return (
+        update(sync_ledger)
+        .where(
+            L.target == bindparam("k_target"),
+            L.identity_id == row["k_id"],
+            L.lease_owner == bindparam("k_owner"),
+        )
+        .values(
+            payload_digest=None,
+            inflight_key=row["k_key"],
+            remote_id=row["k_remote"],
+            synced_action=row["k_action"],
+        )
     )
-)
-_V: Any = bindparam("v_version")
-_RECORD_SUCCESS = (
-    update(sync_ledger)
-    .where(_FENCE)
-    .values(
-        synced_version=_V,
-        synced_action=bindparam("v_action"),
-        desired_action=case((L.desired_version <= _V, bindparam("v_action")), else_=L.desired_action),
-        desired_version=case((L.desired_version < _V, _V), else_=L.desired_version),
-        # A newer version desired meanwhile keeps the row due.
-        status=case((L.desired_version > _V, Status.PENDING.value), else_=bindparam("v_status")),
-        remote_id=bindparam("v_remote"),
-        inflight_key=bindparam("v_inflight"),
-        payload_digest=bindparam("v_digest"),
-        priority=case((L.desired_version > _V, L.priority), else_=0),
-        attempts=0,
-        next_attempt_at=None,
-        first_failure_at=None,
-        last_error_code=None,
-        last_error_message=None,
-        lease_owner=None,
-        lease_until=None,
-        updated_at=bindparam("v_now"),
+
+
+_RECORDED: dict[str, TypeEngine[Any]] = {
+    "k_id": String(),
+    "v_version": BigInteger(),
+    "v_action": String(),
+    "v_status": String(),
+    "v_remote": String(),
+    "v_digest": String(),
+    "v_inflight": String(),
+}
+
+
+@functools.cache
+def _record_success(postgres: bool) -> Any:
+    row = row_source(_RECORDED, postgres=postgres)
+    version = row["v_version"]
+    return (
+        update(sync_ledger)
+        .where(
+            L.target == bindparam("k_target"),
+            L.identity_id == row["k_id"],
+            L.lease_owner == bindparam("k_owner"),
+        )
+        .values(
+            synced_version=version,
+            synced_action=row["v_action"],
+            desired_action=case((L.desired_version <= version, row["v_action"]), else_=L.desired_action),
+            desired_version=case((L.desired_version < version, version), else_=L.desired_version),
+            # A newer version desired meanwhile keeps the row due.
+            status=case((L.desired_version > version, Status.PENDING.value), else_=row["v_status"]),
+            remote_id=row["v_remote"],
+            inflight_key=row["v_inflight"],
+            payload_digest=row["v_digest"],
+            priority=case((L.desired_version > version, L.priority), else_=0),
+            attempts=0,
+            next_attempt_at=None,
+            first_failure_at=None,
+            last_error_code=None,
+            last_error_message=None,
+            lease_owner=None,
+            lease_until=None,
+            updated_at=bindparam("v_now"),
+        )
     )
-)
 
 
 # ---------------------------------------------------------------------------------- target health

@@ -1,0 +1,83 @@
+"""Statements over many ids or rows: the same answers on both dialects, one statement text on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import BigInteger, Column, Engine, MetaData, String, Table, event, insert, select, update
+from sqlalchemy.sql.type_api import TypeEngine
+
+from orchestrator.db import InList, is_postgres, make_engine, row_params, row_source
+
+meta = MetaData()
+things = Table(
+    "things",
+    meta,
+    Column("id", String(36), primary_key=True),
+    Column("n", BigInteger),
+    Column("s", String(16)),
+)
+COLUMNS: dict[str, TypeEngine[Any]] = {"k_id": String(), "v_n": BigInteger(), "v_s": String()}
+
+
+@pytest.fixture
+def engine(store_url: str) -> Iterator[Engine]:
+    engine = make_engine(store_url)
+    meta.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(things), [{"id": f"id{i}", "n": 0, "s": "old"} for i in range(50)])
+    yield engine
+    engine.dispose()
+
+
+def _statements(engine: Engine) -> list[tuple[str, bool]]:
+    """What the engine sends from now on: (statement, whether as an executemany); SQLite's BEGIN left out."""
+    sent: list[tuple[str, bool]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if not statement.startswith("BEGIN"):
+            sent.append((statement, many))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    return sent
+
+
+def test_an_id_list_finds_its_rows_with_one_statement_text_whatever_its_length(engine: Engine) -> None:
+    sent = _statements(engine)
+    query = select(things.c.id).where(InList(things.c.id, "ids"))
+    with engine.connect() as conn:
+        for ids in (["id1"], ["id2", "id3", "nobody"], [f"id{i}" for i in range(0, 50, 2)], []):
+            assert sorted(conn.scalars(query, {"ids": ids})) == sorted(i for i in ids if i != "nobody")
+    texts = {statement for statement, _ in sent}
+    if is_postgres(engine):
+        assert len(texts) == 1  # prepared once per connection by psycopg
+        assert "ANY" in texts.pop()
+    else:
+        assert len(texts) > 1  # an IN list of each length
+
+
+def test_rows_apply_in_one_statement_on_postgresql(engine: Engine) -> None:
+    postgres = is_postgres(engine)
+    row = row_source(COLUMNS, postgres=postgres)
+    stmt = update(things).where(things.c.id == row["k_id"]).values(n=row["v_n"], s=row["v_s"])
+    rows = [{"k_id": f"id{i}", "v_n": i * 10, "v_s": None if i == 3 else f"s{i}"} for i in range(1, 6)]
+    rows.append({"k_id": "nobody", "v_n": 1, "v_s": "x"})
+    sent = _statements(engine)
+    with engine.begin() as conn:
+        changed = conn.execute(stmt, row_params(COLUMNS, rows, {}, postgres=postgres))
+    assert changed.rowcount == 5
+    assert len(sent) == 1
+    assert sent[0][1] is not postgres  # one UPDATE from arrays, else an executemany of one per row
+    with engine.connect() as conn:
+        now = {r.id: (r.n, r.s) for r in conn.execute(select(things))}
+    assert [now[f"id{i}"] for i in range(7)] == [
+        (0, "old"),
+        (10, "s1"),
+        (20, "s2"),
+        (30, None),
+        (40, "s4"),
+        (50, "s5"),
+        (0, "old"),
+    ]
