@@ -8,17 +8,19 @@ which consumers tolerate because fan-out is idempotent.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import select as selectmod
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import BigInteger, bindparam, delete, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
-from orchestrator.db import is_postgres, now, outbox
+from orchestrator.db import InList, is_postgres, now, outbox, row_params, row_source
 from orchestrator.ledger import outbox_inflight
 
 CHANNEL = "idhub_outbox"
@@ -48,10 +50,23 @@ def relay_once(engine: Engine, publish: Publish, *, batch: int = 500) -> int:
         if not seqs:
             return 0
         stamp = now()
-        conn.execute(update(outbox).where(outbox.c.seq.in_(seqs)).values(published_at=stamp))
-        conn.execute(insert(outbox_inflight), [{"seq": s, "published_at": stamp} for s in seqs])
+        postgres = is_postgres(conn)
+        conn.execute(_MARK_PUBLISHED, {"seqs": seqs, "stamp": stamp})
+        rows = row_params(_SEQ, [{"seq": s} for s in seqs], {"stamp": stamp}, postgres=postgres)
+        conn.execute(_inflight(postgres), rows)
         publish(seqs)
     return len(seqs)
+
+
+_MARK_PUBLISHED = update(outbox).where(InList(outbox.c.seq, "seqs")).values(published_at=bindparam("stamp"))
+_SEQ: dict[str, Any] = {"seq": BigInteger()}
+
+
+@functools.cache
+def _inflight(postgres: bool) -> Any:
+    row = row_source(_SEQ, postgres=postgres)
+    stamp = bindparam("stamp", type_=outbox_inflight.c.published_at.type)
+    return insert(outbox_inflight).from_select(["seq", "published_at"], select(row["seq"], stamp))
 
 
 def republish_stale(engine: Engine, publish: Publish, *, older_than: datetime, batch: int = 500) -> int:
@@ -77,7 +92,10 @@ def republish_stale(engine: Engine, publish: Publish, *, older_than: datetime, b
 
 def fanned_out(conn: Connection, seqs: Sequence[int]) -> None:
     """Record, in the fan-out's own transaction, that these events need no re-publishing."""
-    conn.execute(delete(outbox_inflight).where(outbox_inflight.c.seq.in_(list(seqs))))
+    conn.execute(_FANNED_OUT, {"seqs": list(seqs)})
+
+
+_FANNED_OUT = delete(outbox_inflight).where(InList(outbox_inflight.c.seq, "seqs"))
 
 
 def drain(engine: Engine, publish: Publish, *, batch: int = 500) -> int:

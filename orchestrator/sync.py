@@ -98,11 +98,7 @@ def fanout(
     now = now or utcnow()
     due: dict[str, list[str]] = defaultdict(list)
     with engine.begin() as conn:
-        events = conn.execute(
-            select(outbox.c.resource_type, outbox.c.resource_id, outbox.c.changed).where(
-                outbox.c.seq.in_(list(seqs))
-            )
-        ).all()
+        events = conn.execute(_EVENTS, {"seqs": list(seqs)}).all()
         changed: dict[str, set[str]] = defaultdict(set)
         for ev in events:
             changed[ev.resource_id].update(p.lower() for p in ev.changed or ())
@@ -241,6 +237,9 @@ def _current_groups(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
     return {r.id: r for r in conn.execute(_CURRENT_GROUPS, {"ids": list(ids)})}
 
 
+_EVENTS = select(outbox.c.resource_type, outbox.c.resource_id, outbox.c.changed).where(
+    InList(outbox.c.seq, "seqs")
+)
 _I, _G = identities.c, groups.c
 _CURRENT_USERS = select(_I.id, _I.version, _I.doc, _I.deleted_at, _I.updated_at).where(InList(_I.id, "ids"))
 _CURRENT_GROUPS = select(_G.id, _G.version, _G.display_name, _G.deleted_at, _G.updated_at).where(
