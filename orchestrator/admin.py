@@ -9,6 +9,7 @@ take it built; functions that drive deliveries take an ``enqueue`` callable (the
 
 from __future__ import annotations
 
+import functools
 import getpass
 import logging
 import os
@@ -22,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Index,
@@ -40,7 +42,7 @@ from sqlalchemy.engine import Connection, Engine
 from connectors.base import Connector, DeprovisionAction, Record, Result
 from connectors.errors import SyncError
 from orchestrator import guard, sync
-from orchestrator.db import BigId, Json, identities, metadata
+from orchestrator.db import BigId, InList, Json, identities, is_postgres, metadata, row_params, row_source
 from orchestrator.db import now as utcnow
 from orchestrator.guard import GuardSettings, load_settings
 from orchestrator.ledger import DONE, Status, dead_letters, erasure_receipts, sync_ledger, target_state
@@ -436,7 +438,10 @@ def _mark(
         rows = {
             (r.target, r.identity_id): r
             for r in conn.execute(
-                select(sync_ledger).where(L.identity_id.in_(ids), L.target.in_([c.name for c in targets]))
+                select(sync_ledger).where(
+                    InList(L.identity_id, "ids"), L.target.in_([c.name for c in targets])
+                ),
+                {"ids": ids},
             )
         }
         new: list[dict[str, Any]] = []
@@ -475,33 +480,42 @@ def _mark(
         if new:
             sync._upsert_desired(conn, new)
         if again:
-            v: Any = bindparam("v_version")
-            conn.execute(
-                update(sync_ledger)
-                .where(
-                    L.target == bindparam("k_target"),
-                    L.identity_id == bindparam("k_id"),
-                    L.status != guard.HELD,
-                )
-                .values(
-                    # desired_version only ever grows (a fan-out may have raised it meanwhile).
-                    desired_version=case((L.desired_version < v, v), else_=L.desired_version),
-                    desired_action=case(
-                        (L.desired_version <= v, bindparam("v_action")), else_=L.desired_action
-                    ),
-                    # Due even where versions match: the sent payload is forgotten and the version re-pushed.
-                    synced_version=case((L.synced_version >= v, None), else_=L.synced_version),
-                    payload_digest=None,
-                    status=Status.PENDING.value,
-                    attempts=0,
-                    next_attempt_at=None,
-                    first_failure_at=None,
-                    enqueued_at=now,
-                    updated_at=now,
-                ),
-                again,
-            )
+            postgres = is_postgres(conn)
+            conn.execute(_mark_again(postgres), row_params(_AGAIN, again, {"now": now}, postgres=postgres))
     return due
+
+
+_AGAIN: dict[str, Any] = {
+    "k_target": String(),
+    "k_id": String(),
+    "v_version": BigInteger(),
+    "v_action": String(),
+}
+
+
+@functools.cache
+def _mark_again(postgres: bool) -> Any:
+    row = row_source(_AGAIN, postgres=postgres)
+    v = row["v_version"]
+    stamp = bindparam("now", type_=L.updated_at.type)
+    return (
+        update(sync_ledger)
+        .where(L.target == row["k_target"], L.identity_id == row["k_id"], L.status != guard.HELD)
+        .values(
+            # desired_version only ever grows (a fan-out may have raised it meanwhile).
+            desired_version=case((L.desired_version < v, v), else_=L.desired_version),
+            desired_action=case((L.desired_version <= v, row["v_action"]), else_=L.desired_action),
+            # Due even where versions match: the sent payload is forgotten and the version re-pushed.
+            synced_version=case((L.synced_version >= v, None), else_=L.synced_version),
+            payload_digest=None,
+            status=Status.PENDING.value,
+            attempts=0,
+            next_attempt_at=None,
+            first_failure_at=None,
+            enqueued_at=stamp,
+            updated_at=stamp,
+        )
+    )
 
 
 def _drive(

@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, event, func, insert, select
 
-from orchestrator import admin
+from orchestrator import admin, migrations
 from orchestrator.admin import audit_log
+from orchestrator.db import make_engine, now
 from orchestrator.ledger import sync_ledger
 from tests.admin.conftest import (
     bulk_customers,
@@ -69,6 +70,43 @@ def test_resync_enqueues_when_not_delivering(clean: Engine, targets: list) -> No
     assert sorted(sent[0]["news"]) == sorted(ids)
     assert report.enqueued == {"shop": 3, "news": 3}
     assert statuses(clean, "shop") == {"pending": 3}
+
+
+def test_resync_marks_delivered_rows_due_again_on_sqlite(sqlite_url: str, targets: list) -> None:
+    engine = make_engine(sqlite_url)
+    migrations.upgrade(engine)
+    ids = [put_customer(engine) for _ in range(3)]
+    stamp = now()
+    # As a finished delivery leaves them: synced, the pushed payload's digest kept.
+    delivered = {
+        "resource_type": "User",
+        "desired_version": 1,
+        "desired_action": "upsert",
+        "synced_version": 1,
+        "synced_action": "upsert",
+        "status": "synced",
+        "payload_digest": "d",
+        "attempts": 0,
+        "priority": 0,
+        "created_at": stamp,
+        "updated_at": stamp,
+    }
+    rows = [{"target": t, "identity_id": i, **delivered} for i in ids for t in ("shop", "news")]
+    with engine.begin() as conn:
+        conn.execute(insert(sync_ledger), rows)
+    shop = cfg_of(targets, "shop")
+    sent: list[dict[str, list[str]]] = []
+    report = admin.resync(
+        engine, [shop], actor=ACTOR, user_ids=ids[:2], enqueue=lambda due: sent.append(dict(due))
+    )
+    assert report.marked == {"shop": 2}
+    assert sorted(sent[0]["shop"]) == sorted(ids[:2])
+    for i in ids[:2]:
+        r = row(engine, "shop", i)
+        assert (r.status, r.synced_version, r.payload_digest, r.desired_version) == ("pending", None, None, 1)
+    untouched = [row(engine, "shop", ids[2]), row(engine, "news", ids[0])]
+    assert [(r.status, r.payload_digest) for r in untouched] == [("synced", "d"), ("synced", "d")]
+    engine.dispose()
 
 
 @pytest.fixture
