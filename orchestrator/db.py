@@ -163,9 +163,27 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     engine = create_engine(url, **kwargs)
+    event.listen(engine, "connect", _custom_plans)
     if not kwargs.get("pool_pre_ping"):
         _ping_when_idle(engine)
     return engine
+
+
+def _custom_plans(dbapi_connection: Any, _record: Any) -> None:
+    """Plan each execution for its own parameters (PostgreSQL's ``plan_cache_mode``).
+
+    psycopg prepares a statement run five times on a connection, and PostgreSQL may then keep one generic plan
+    for it, made for the table as it was and blind to how many ids an ``= ANY(:ids)`` brings. It stays until
+    an ANALYZE of the table, which may never come: the fan-out's first lookups of identities, at a handful
+    of customers, left a sequential scan that every later lookup ran (3.4 ms a call at 12,000 customers
+    instead of 0.25, and 5.2 instead of 0.27 for marking events published; 13.7 s of PostgreSQL's time in
+    a minute at 200 changes a second). Planning these statements costs little beside that; parsing stays
+    saved."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET plan_cache_mode = force_custom_plan")
+    dbapi_connection.autocommit = autocommit
 
 
 # ``pool_pre_ping`` costs a round trip on every checkout, as many as a filtered GET needs for itself. A

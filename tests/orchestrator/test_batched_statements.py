@@ -6,10 +6,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, Column, Engine, MetaData, String, Table, event, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.sql.type_api import TypeEngine
 
-from orchestrator.db import InList, is_postgres, make_engine, row_params, row_source
+from orchestrator import sync
+from orchestrator.db import InList, identities, is_postgres, make_engine, now, row_params, row_source
 
 meta = MetaData()
 things = Table(
@@ -81,3 +94,52 @@ def test_rows_apply_in_one_statement_on_postgresql(engine: Engine) -> None:
         (50, "s5"),
         (0, "old"),
     ]
+
+
+def _lookup_on_a_grown_table(engine: Engine) -> tuple[int, str]:
+    """The fan-out's and the deliveries' lookup of identities, run twenty times for twenty ids while the table
+    holds five customers, as at a first start, then 5,000 customers in it: the generic plans PostgreSQL made
+    for the lookup and the plan its next run gets."""
+    identities.create(engine)
+    stamp = now()
+
+    def customers(prefix: str, n: int) -> list[dict[str, Any]]:
+        doc = {"userName": "someone", "pad": "p" * 600}  # as wide as a customer's document
+        return [
+            {"id": f"{prefix}{i}", "version": 1, "user_name": f"{prefix}{i}", "user_name_ci": f"{prefix}{i}"}
+            | {"active": True, "doc": doc, "created_at": stamp, "updated_at": stamp}
+            for i in range(n)
+        ]
+
+    try:
+        with engine.connect() as conn:
+            conn.execute(insert(identities), customers("first", 5))
+            for _ in range(20):
+                conn.execute(sync._CURRENT_USERS, {"ids": [f"id{i}" for i in range(20)]}).all()
+            conn.execute(insert(identities), customers("id", 5000))
+            conn.commit()
+            name, generic = conn.exec_driver_sql(
+                "SELECT name, generic_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE '%%FROM identities%%ANY%%'"
+            ).one()
+            plan = conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}('{{id1,id2}}')").all()
+        return int(generic), "\n".join(line for (line,) in plan)
+    finally:
+        identities.drop(engine)
+
+
+def test_postgresql_plans_each_lookup_for_its_ids(engine: Engine) -> None:
+    if not is_postgres(engine):
+        pytest.skip("plan caching is PostgreSQL's")
+    # psycopg prepares a statement from its sixth run, and PostgreSQL may keep a generic plan for it from
+    # the sixth run on: made for the table as it was, blind to how many ids come, until an ANALYZE.
+    plain = create_engine(engine.url)
+    try:
+        generic, plan = _lookup_on_a_grown_table(plain)
+    finally:
+        plain.dispose()
+    assert generic > 0
+    assert "Seq Scan" in plan
+    generic, plan = _lookup_on_a_grown_table(engine)
+    assert generic == 0
+    assert "Index" in plan
