@@ -41,7 +41,7 @@ class _Ctx:
     @classmethod
     def load(cls) -> _Ctx:
         cfg = settings.get()
-        engine = engine_for(cfg.database_url)
+        engine = engine_for(cfg.database_url, custom_plans=True)
         migrations.upgrade(engine)
         targets = load_targets(cfg.targets_file) if cfg.targets_file is not None else []
         return cls(engine, targets, admin.local_actor())

@@ -25,7 +25,7 @@ def _fail(message: str) -> Exception:
 
 
 def _engine() -> Engine:
-    engine = engine_for(settings.get().database_url)
+    engine = engine_for(settings.get().database_url, custom_plans=True)
     migrations.upgrade(engine)
     return engine
 

@@ -40,7 +40,7 @@ def pg_url() -> Iterator[str]:
     """A PostgreSQL database of this test session, dropped at the end."""
     url = create_pg_database()
     yield url
-    db._engines.pop(url, None)
+    db.dispose_engines(url)
     drop_pg_database(url)
 
 
@@ -59,9 +59,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[str]
     try:
         yield url
     finally:
-        engine = db._engines.pop(url, None)
-        if engine is not None:
-            engine.dispose()
+        db.dispose_engines(url)
         drop_pg_database(url)
 
 

@@ -85,7 +85,7 @@ class IdhubTask(Task):  # type: ignore[misc]
 
     @property
     def engine(self) -> Engine:
-        return engine_for(settings.get().database_url)
+        return engine_for(settings.get().database_url, custom_plans=True)
 
     def targets(self) -> Mapping[str, TargetConfig]:
         with _process.lock:

@@ -15,7 +15,7 @@ from workers.base import publisher
 def main(args: argparse.Namespace | None = None) -> int:
     """Relay with the process settings (LISTEN/NOTIFY on PostgreSQL, polling on SQLite); ``--once`` drains."""
     telemetry.start_process()
-    engine = engine_for(settings.get().database_url)
+    engine = engine_for(settings.get().database_url, custom_plans=True)
     migrations.upgrade(engine)
     if args is not None and getattr(args, "once", False):
         print(f"published {drain(engine, publisher(app))} events")

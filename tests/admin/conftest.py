@@ -78,9 +78,7 @@ def store() -> Iterator[tuple[str, Engine]]:
     migrations.upgrade(engine)
     yield url, engine
     engine.dispose()
-    shared = db._engines.pop(url, None)  # the one the ``idhub`` command made
-    if shared is not None:
-        shared.dispose()
+    db.dispose_engines(url)  # the one the ``idhub`` command made
     drop_pg_database(url)
 
 

@@ -37,7 +37,7 @@ COLUMNS: dict[str, TypeEngine[Any]] = {"k_id": String(), "v_n": BigInteger(), "v
 
 @pytest.fixture
 def engine(store_url: str) -> Iterator[Engine]:
-    engine = make_engine(store_url)
+    engine = make_engine(store_url, custom_plans=True)
     meta.create_all(engine)
     with engine.begin() as conn:
         conn.execute(insert(things), [{"id": f"id{i}", "n": 0, "s": "old"} for i in range(50)])

@@ -245,9 +245,7 @@ class Privacy:
 def store() -> Iterator[str]:
     url = create_pg_database("idhub_priv")
     yield url
-    engine = db._engines.pop(url, None)
-    if engine is not None:
-        engine.dispose()
+    db.dispose_engines(url)
     drop_pg_database(url)
 
 

@@ -49,9 +49,7 @@ def pg_hub() -> Iterator[PgHub]:
     app, engine = make_hub(url)
     yield PgHub(app, engine, url)
     engine.dispose()
-    cached = db._engines.pop(url, None)  # the CLI opens its own engine on the URL
-    if cached is not None:
-        cached.dispose()
+    db.dispose_engines(url)  # the CLI opens its own engine on the URL
     drop_pg_database(url)
 
 
