@@ -971,12 +971,16 @@ _CLAIM = (
     .values(lease_owner=bindparam("v_owner"), lease_until=bindparam("v_until"))
     .returning(*sync_ledger.c)
 )
-# Fenced: a row whose lease another worker took since is left alone.
-_FENCE = and_(
-    L.target == bindparam("k_target"),
-    L.identity_id == bindparam("k_id"),
-    L.lease_owner == bindparam("k_owner"),
-)
+
+
+def _fenced(identity_id: ColumnElement[Any]) -> ColumnElement[bool]:
+    """A row of ours: one whose lease another worker took since is left alone."""
+    return and_(
+        L.target == bindparam("k_target"), L.identity_id == identity_id, L.lease_owner == bindparam("k_owner")
+    )
+
+
+_FENCE = _fenced(bindparam("k_id"))
 _NOTED: dict[str, TypeEngine[Any]] = {
     "k_id": String(),
     "k_key": String(),
@@ -990,11 +994,7 @@ def _note_attempt(postgres: bool) -> Any:
     row = row_source(_NOTED, postgres=postgres)
     return (
         update(sync_ledger)
-        .where(
-            L.target == bindparam("k_target"),
-            L.identity_id == row["k_id"],
-            L.lease_owner == bindparam("k_owner"),
-        )
+        .where(_fenced(row["k_id"]))
         .values(
             payload_digest=None,
             inflight_key=row["k_key"],
@@ -1021,11 +1021,7 @@ def _record_success(postgres: bool) -> Any:
     version = row["v_version"]
     return (
         update(sync_ledger)
-        .where(
-            L.target == bindparam("k_target"),
-            L.identity_id == row["k_id"],
-            L.lease_owner == bindparam("k_owner"),
-        )
+        .where(_fenced(row["k_id"]))
         .values(
             synced_version=version,
             synced_action=row["v_action"],
