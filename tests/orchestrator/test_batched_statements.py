@@ -71,7 +71,7 @@ def test_an_id_list_finds_its_rows_with_one_statement_text_whatever_its_length(e
         assert len(texts) > 1  # an IN list of each length
 
 
-def test_rows_apply_in_one_statement_on_postgresql(engine: Engine) -> None:
+def test_rows_apply_in_one_statement_on_postgresql_and_one_per_row_elsewhere(engine: Engine) -> None:
     postgres = is_postgres(engine)
     row = row_source(COLUMNS, postgres=postgres)
     stmt = update(things).where(things.c.id == row["k_id"]).values(n=row["v_n"], s=row["v_s"])
