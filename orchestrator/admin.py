@@ -38,6 +38,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.type_api import TypeEngine
 
 from connectors.base import Connector, DeprovisionAction, Record, Result
 from connectors.errors import SyncError
@@ -485,7 +486,7 @@ def _mark(
     return due
 
 
-_AGAIN: dict[str, Any] = {
+_AGAIN: dict[str, TypeEngine[Any]] = {
     "k_target": String(),
     "k_id": String(),
     "v_version": BigInteger(),

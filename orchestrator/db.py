@@ -178,7 +178,7 @@ def _custom_plans(dbapi_connection: Any, _record: Any) -> None:
     for it, made for the table as it was and blind to how many ids an ``= ANY(:ids)`` brings. It stays until
     an ANALYZE of the table, which may never come: the fan-out's first lookups of identities, at a handful
     of customers, left a sequential scan that every later lookup ran (3.4 ms a call at 12,000 customers
-    instead of 0.25, and 5.2 instead of 0.27 for marking events published; 13.7 s of PostgreSQL's time in
+    instead of 0.25, and 5.2 instead of 0.27 for marking events published; 13.6 s of PostgreSQL's time in
     a minute at 200 changes a second). Planning a statement that serves a batch costs little beside that.
     The API keeps generic plans: its statements look up one key each, and planning every one cost
     PostgreSQL 0.03 to 0.09 ms more a request."""

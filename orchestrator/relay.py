@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, bindparam, delete, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.type_api import TypeEngine
 
 from orchestrator.db import InList, is_postgres, now, outbox, row_params, row_source
 from orchestrator.ledger import outbox_inflight
@@ -59,7 +60,7 @@ def relay_once(engine: Engine, publish: Publish, *, batch: int = 500) -> int:
 
 
 _MARK_PUBLISHED = update(outbox).where(InList(outbox.c.seq, "seqs")).values(published_at=bindparam("stamp"))
-_SEQ: dict[str, Any] = {"seq": BigInteger()}
+_SEQ: dict[str, TypeEngine[Any]] = {"seq": BigInteger()}
 
 
 @functools.cache
