@@ -6,7 +6,6 @@ same transaction, so a committed change always has its event and a rolled-back o
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -17,6 +16,7 @@ from functools import cache
 from typing import Any
 
 from pydantic import TypeAdapter
+from pydantic_core import to_json
 from scim2_models import (
     InvalidValueException,
     Meta,
@@ -133,8 +133,9 @@ def flush() -> None:
     if conn.dialect.name == "postgresql":
         rows = [{"row": r, "event": e} for r, e in zip(batch.identities, batch.events, strict=True)]
         statement = _batch_create_statement(tuple(batch.identities[0]), tuple(batch.events[0]))
-        # The stamps are the only values JSON lacks; PostgreSQL reads str(datetime) as a timestamptz.
-        written = len(conn.execute(statement, {"rows": json.dumps(rows, default=str)}).all())
+        # pydantic's encoder writes the stamps as ISO 8601, which PostgreSQL reads as timestamptz; json.dumps
+        # took a fifteenth of a Bulk request's CPU here.
+        written = len(conn.execute(statement, {"rows": to_json(rows).decode()}).all())
     else:
         written = len(conn.execute(_insert_new_statement("sqlite", identities), batch.identities).all())
         if written == len(batch.identities):
@@ -666,15 +667,15 @@ class SqlStorage(ScimStorage):
 
         A Bulk request's results carry no resources, so its creations (``doc`` None) are not remembered.
         """
-        # Shallow: nothing below mutates the nested values the caller's resource shares with the copy.
-        stored = resource.model_copy()
-        stored.id = resource_id
-        stored.meta = Meta(
+        # Shallow: nothing below mutates the nested values the caller's resource shares with the copy. Given
+        # as an update, id and meta skip the assignment validation, a twentieth of a Bulk creation's CPU.
+        stamp = Meta(
             resource_type=resource_type.name,
             created=_utc(created),
             last_modified=_utc(modified),
             version=etag(version),
         )
+        stored = resource.model_copy(update={"id": resource_id, "meta": stamp})
         if doc is not None:
             meta = response_meta(resource_type, created, modified, version)
             _unit().written[id(stored)] = Written(stored, doc, meta)

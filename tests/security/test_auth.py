@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from scim2_server.routing import ROUTES, Operation
 
 from orchestrator import auth, cli, logs, settings
-from orchestrator.api import READ_OPERATIONS, SCIM_PREFIX
+from orchestrator.api import READ_OPERATIONS, SCIM_METHODS, SCIM_PREFIX
 from orchestrator.auth import TokenVerifier, create_token, digest, revoke_token
 from tests.hub import GROUP_SCHEMA, PATCH_SCHEMA, SCIM, patch, user
 from tests.security.conftest import PgHub, assert_scim_error, fingerprint
@@ -78,7 +78,7 @@ def _name() -> str:
 
 
 def scim_requests(app: Any, world: dict[str, Any]) -> list[tuple[str, str, Operation | None, Any]]:
-    """Every (method, path) the app serves: its FastAPI routes, and under the SCIM catch-all every route
+    """Every (method, path) the app serves: its FastAPI routes, and under the SCIM endpoint every route
     of scim2-server's routing table for every resource type the hub has, naming resources that exist."""
     hub = app.state.hub
     endpoints = [str(rt.endpoint).strip("/") for rt in hub.provider.resource_types]
@@ -86,19 +86,16 @@ def scim_requests(app: Any, world: dict[str, Any]) -> list[tuple[str, str, Opera
     out: list[tuple[str, str, Operation | None, Any]] = []
     for route in app.routes:
         assert isinstance(route, APIRoute), route  # docs and redirects are off: nothing else is mounted
-        if not route.path.startswith(SCIM_PREFIX):
-            out += [(m, route.path, None, None) for m in sorted(route.methods)]
+        assert not route.path.startswith(SCIM_PREFIX), route  # the SCIM endpoint sits before the routes
+        out += [(m, route.path, None, None) for m in sorted(route.methods)]
+    for r in ROUTES:
+        if r.method not in SCIM_METHODS:
             continue
-        if route.path != SCIM_PREFIX + "/{path:path}":
-            continue  # the bare prefix is the same catch-all as "/"
-        for r in ROUTES:
-            if r.method not in route.methods:
-                continue
-            for endpoint in endpoints if "{endpoint}" in r.pattern else [None]:
-                path = r.pattern.replace("{endpoint}", endpoint or "")
-                rid = existing.get(endpoint or "", "User" if "ResourceTypes" in path else "nope")
-                path = path.replace("{resource_id}", rid)
-                out.append((r.method, SCIM_PREFIX + path, r.operation, _body(r.operation, endpoint, world)))
+        for endpoint in endpoints if "{endpoint}" in r.pattern else [None]:
+            path = r.pattern.replace("{endpoint}", endpoint or "")
+            rid = existing.get(endpoint or "", "User" if "ResourceTypes" in path else "nope")
+            path = path.replace("{resource_id}", rid)
+            out.append((r.method, SCIM_PREFIX + path, r.operation, _body(r.operation, endpoint, world)))
     return out
 
 
