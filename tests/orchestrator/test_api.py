@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 
 from orchestrator import db
 from tests.hub import CUSTOMER, GROUP_SCHEMA, SCIM, client, events, hub_client, patch, user
@@ -128,6 +128,35 @@ def test_patch_answers_200_with_the_resource_and_supports_value_path_filters(
     last = events(engine)[-1]
     assert (last.kind, last.version) == ("updated", 2)
     assert set(last.changed) == {"emails", "nickName"}
+
+
+def test_a_customer_is_created_by_one_statement_and_a_group_in_a_transaction(
+    hub: tuple[TestClient, Engine],
+) -> None:
+    """On PostgreSQL a User's row and event are one statement, committed by itself: no BEGIN, no COMMIT."""
+    c, engine = hub
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serves every write in a transaction")
+    create(c)  # the token is verified (and remembered) on the first request
+    sent: list[tuple[bool, str]] = []
+
+    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append((conn.connection.dbapi_connection.autocommit, statement.split(None, 1)[0].upper()))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        created = create(c)
+        by_user = list(sent)
+        sent.clear()
+        group = {"schemas": [GROUP_SCHEMA], "displayName": name(), "members": [{"value": created["id"]}]}
+        assert c.post("/scim/v2/Groups", json=group).status_code == 201
+        by_group = list(sent)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert by_user == [(True, "WITH")]
+    assert by_group
+    assert all(not autocommit for autocommit, _ in by_group)
+    assert [e.version for e in events(engine) if e.resource_id == created["id"]] == [1]
 
 
 def test_deactivation_and_reactivation_are_their_own_events(hub: tuple[TestClient, Engine]) -> None:
