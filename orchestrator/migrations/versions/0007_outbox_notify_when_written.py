@@ -20,36 +20,28 @@ depends_on = None
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
-    op.execute(
-        """
-        DROP TRIGGER outbox_notify ON outbox;
-        CREATE OR REPLACE FUNCTION idhub_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF EXISTS (SELECT FROM written) THEN
-                PERFORM pg_notify('idhub_outbox', '');
-            END IF;
-            RETURN NULL;
-        END $$;
-        CREATE TRIGGER outbox_notify AFTER INSERT ON outbox REFERENCING NEW TABLE AS written
-            FOR EACH STATEMENT EXECUTE FUNCTION idhub_outbox_notify();
-        """
+    _replace_trigger(
+        "IF EXISTS (SELECT FROM written) THEN PERFORM pg_notify('idhub_outbox', ''); END IF;",
+        "REFERENCING NEW TABLE AS written",
     )
 
 
 def downgrade() -> None:
+    _replace_trigger("PERFORM pg_notify('idhub_outbox', '');", "")
+
+
+def _replace_trigger(body: str, referencing: str) -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     op.execute(
-        """
+        f"""
         DROP TRIGGER outbox_notify ON outbox;
         CREATE OR REPLACE FUNCTION idhub_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            PERFORM pg_notify('idhub_outbox', '');
+            {body}
             RETURN NULL;
         END $$;
-        CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
+        CREATE TRIGGER outbox_notify AFTER INSERT ON outbox {referencing}
             FOR EACH STATEMENT EXECUTE FUNCTION idhub_outbox_notify();
         """
     )
