@@ -226,9 +226,8 @@ class HubService(ScimService):
                     method=BulkOperation.Method.post, bulk_id=bulk_id, path=path, data=resource
                 )
             )
-        return self.bulk_request.model_construct(
-            schemas=[BULK_REQUEST], fail_on_errors=fail_on_errors, operations=built
-        )
+        given = {} if fail_on_errors is None else {"fail_on_errors": fail_on_errors}
+        return self.bulk_request.model_construct(schemas=[BULK_REQUEST], operations=built, **given)
 
     def found_response(
         self,
