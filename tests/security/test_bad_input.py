@@ -188,3 +188,21 @@ def test_a_filter_date_at_the_calendar_edge_is_no_server_error(api: tuple[TestCl
 def test_a_newline_in_the_path_is_a_scim_404(api: tuple[TestClient, str, str]) -> None:
     c, _, _ = api
     assert_scim_error(c.get("/scim/v2/Users/a%0Ab"), 404)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("OPTIONS", "/scim/v2/Users", "GET, POST"),
+        ("PATCH", "/scim/v2/Users", "GET, POST"),
+        ("DELETE", "/scim/v2/ServiceProviderConfig", "GET"),
+        ("TRACE", "/scim/v2/Users/some-id", "DELETE, GET, PATCH, PUT"),
+    ],
+)
+def test_a_method_an_endpoint_does_not_serve_is_a_scim_405_naming_those_it_does(
+    api: tuple[TestClient, str, str], method: str, path: str, allowed: str
+) -> None:
+    c, _, _ = api
+    answer = c.request(method, path)
+    assert_scim_error(answer, 405)
+    assert answer.headers["Allow"] == allowed
