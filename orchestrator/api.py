@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Union
@@ -60,7 +61,7 @@ from scim2_server.requests import ScimRequest
 from scim2_server.responses import ScimResponse
 from scim2_server.routing import Operation, Target
 from scim2_server.routing import match as route_match
-from scim2_server.service import ScimService
+from scim2_server.service import SEARCH_REQUEST_PARAMETERS, ScimService
 from scim2_server.storage import SearchPage
 from scim2_server.utils import parametrize
 from sqlalchemy import Engine, text
@@ -136,6 +137,7 @@ class HubService(ScimService):
         self.generics = [g[every] for g in per_request] + [g[m] for m in models for g in per_model]
         self.bulk_request: Any = self.generics[1]
         self.resource_models = frozenset(models)
+        self._pages: dict[tuple[Any, ...], SearchRequest[Any]] = {}
 
     @staticmethod
     def match(request: ScimRequest) -> Target:
@@ -344,6 +346,30 @@ class HubService(ScimService):
         ]
         return ScimResponse(HTTPStatus.OK, {"schemas": [BULK_RESPONSE], "Operations": operations})
 
+    def equality(self, query: Mapping[str, str]) -> _Equality | None:
+        """A search's query parameters as an ``attribute eq "value"`` filter and the parameters besides it
+        that a page needs, or None when they are anything else (the general reading then says what)."""
+        given = {key: query[key] for key in SEARCH_REQUEST_PARAMETERS if key in query}
+        text = given.pop("filter", None)
+        if text is None or len(text) > self.max_filter_length or not _PAGING.issuperset(given):
+            return None
+        matched = _EQUALS.fullmatch(text)
+        if matched is None:
+            return None
+        return _Equality(matched["attribute"], matched["value"], tuple(sorted(given.items())))
+
+    def search_without_filter(
+        self, resource_types: list[ResourceType], rest: tuple[tuple[str, str], ...]
+    ) -> SearchRequest[Any]:
+        """``read_search`` of the parameters besides the filter: read once for each set of them."""
+        key = (tuple(str(rt.id) for rt in resource_types), rest)
+        known = self._pages.get(key)
+        if known is None:
+            if len(self._pages) >= 256:
+                self._pages.clear()
+            known = self._pages[key] = self.read_search(resource_types, dict(rest))[0]
+        return known.model_copy()
+
     def _bound(self, text: Any, what: str) -> None:
         # Checked on the raw text, before anything parses it: parsing is what a huge filter makes slow.
         if isinstance(text, str) and len(text) > self.max_filter_length:
@@ -408,6 +434,21 @@ _ENVELOPE_KEYS = frozenset({"schemas", "Operations", "failOnErrors"})
 _CREATION_KEYS = frozenset({"method", "path", "bulkId", "data"})
 
 _route = functools.lru_cache(maxsize=1024)(route_match)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Equality:
+    """A search filter ``attribute eq "value"`` and the other search parameters, sorted."""
+
+    attribute: str
+    value: str
+    rest: tuple[tuple[str, str], ...]
+
+
+# An attribute name (RFC 7644 §3.4.2.2 ATTRNAME), ``eq`` in any case, and a string without escapes or control
+# characters, so that it reads as it is written.
+_EQUALS = re.compile(r'(?P<attribute>[A-Za-z][A-Za-z0-9_-]*) [eE][qQ] "(?P<value>[^"\\\x00-\x1f]*)"')
+_PAGING = frozenset({"attributes", "excludedAttributes", "startIndex", "count"})
 
 
 @functools.cache
@@ -503,7 +544,10 @@ class HubHandler(ScimHandler):
 
     def search(self, request: ScimRequest) -> ScimResponse:
         return self._search(
-            request, Operation.search, lambda types: self.service.read_search_query(types, request.query)
+            request,
+            Operation.search,
+            lambda types: self.service.read_search_query(types, request.query),
+            self.service.equality(request.query),
         )
 
     def search_with_body(self, request: ScimRequest) -> ScimResponse:
@@ -519,18 +563,38 @@ class HubHandler(ScimHandler):
         request: ScimRequest,
         operation: Operation,
         read: Callable[[list[ResourceType]], tuple[SearchRequest[Any], Any]],
+        equality: _Equality | None = None,
     ) -> ScimResponse:
         # ScimHandler.search's steps; the hub pages by index only, so the position is always None.
         with self.service.provider:
             target = self.service.route(request, operation)
             resource_types = self.service.searched_types(target.endpoint)
             authorized = self.service.authorized_types(request, target, resource_types)
-            search_request, _ = read(resource_types)
-            with self.storage.operation():
-                found = self.storage.find(authorized, search_request)
+            found = None
+            if equality is not None and len(resource_types) == len(authorized) == 1:
+                found, search_request = self._find_equal(authorized, equality)
+            if found is None:
+                search_request, _ = read(resource_types)
+                with self.storage.operation():
+                    found = self.storage.find(authorized, search_request)
             return self.service.found_response(
                 request.base_url, resource_types, found, search_request, self.storage.build
             )
+
+    def _find_equal(
+        self, resource_types: list[ResourceType], equality: _Equality
+    ) -> tuple[scim_storage.Found | None, Any]:
+        """An identity provider's lookup (``userName eq "..."``) without parsing its filter; (None, None)
+        where the filter does not compare a column as it is, and the search goes the general way."""
+        compared = self.storage.equal_column(resource_types[0], equality.attribute, equality.value)
+        if compared is None:
+            return None, None
+        self.service.ensure_supported(self.service.config.filter, "Filtering")
+        search_request = self.service.search_without_filter(resource_types, equality.rest)
+        if search_request.cursor is not None or search_request.count == 0:
+            return None, None
+        with self.storage.operation():
+            return self.storage.find_equal(resource_types[0], compared, search_request), search_request
 
 
 class Hub:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
-from functools import cache
+from functools import cache, lru_cache
 from inspect import isclass
 from typing import Any
 
@@ -47,6 +47,7 @@ from scim2_models.path import (
 )
 from sqlalchemy import (
     Boolean,
+    Column,
     ColumnElement,
     Numeric,
     String,
@@ -631,6 +632,42 @@ def where(filter: str | FilterNode, model: type[Resource[Any]], table: Table, di
     """
     sql = _Sql(dialect)
     return _Where(_RowScope(model, table, sql), sql).visit(parse(filter))
+
+
+def own_column(
+    model: type[Resource[Any]], table: Table, dialect: str, attribute: str, value: str
+) -> tuple[str, Any] | None:
+    """For the filter ``attribute eq "value"``: the name of the column of ``table`` that ``where`` compares,
+    and the value it compares it with; None where ``where`` reads anything but a column of the row as it is
+    (the document, members, a lowered or collated column) or refuses the filter.
+
+    Identity providers match every account they provision with such a filter (``userName``,
+    ``externalId``), so the hub answers it without parsing it (``orchestrator.api``)."""
+    resolved = _column_source(model, table, dialect, attribute)
+    if resolved is None:
+        return None
+    name, source = resolved
+    try:
+        operand = _operand(source.binding, source.kind, CompareOperator.eq, value)
+    except InvalidFilterException:
+        return None
+    return name, operand
+
+
+@lru_cache(maxsize=256)
+def _column_source(
+    model: type[Resource[Any]], table: Table, dialect: str, attribute: str
+) -> tuple[str, _Source] | None:
+    try:
+        source = _RowScope(model, table, _Sql(dialect)).source(AttrPath(attribute), comparison=True)
+    except (InvalidFilterException, InvalidPathException, ValueError):
+        return None
+    column = source.read(None) if source.column else None
+    # Only where visit_comparison and _compare leave the column bare: a string column, compared as it is.
+    bare = source.kind is _Kind.STRING and (source.binding.case_exact or source.lowered)
+    if source.each is not None or not bare or not isinstance(column, Column) or column.table is not table:
+        return None
+    return column.key, source
 
 
 def check(filter: str | FilterNode, model: type[Resource[Any]]) -> FilterNode:
