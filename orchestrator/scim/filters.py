@@ -639,7 +639,7 @@ def own_column(
 ) -> tuple[str, Any] | None:
     """For the filter ``attribute eq "value"``: the name of the column of ``table`` that ``where`` compares,
     and the value it compares it with; None where ``where`` reads anything but a column of the row as it is
-    (the document, members, a lowered or collated column) or refuses the filter.
+    (the document, members, a column it lower-cases first) or refuses the filter.
 
     Identity providers match every account they provision with such a filter (``userName``,
     ``externalId``), so the hub answers it without parsing it (``orchestrator.api``)."""
