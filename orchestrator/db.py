@@ -226,16 +226,18 @@ def _ping_when_idle(engine: Engine) -> None:
     event.listen(engine.pool, "checkout", checkout)
 
 
-_engines: dict[tuple[str, bool], Engine] = {}
+_engines: dict[tuple[str, bool, bool], Engine] = {}
 _lock = threading.Lock()
 
 
-def engine_for(url: str, *, custom_plans: bool = False) -> Engine:
-    """The process-wide engine of a URL, made once."""
+def engine_for(url: str, *, custom_plans: bool = False, autocommit: bool = False) -> Engine:
+    """The process-wide engine of a URL, made once; ``autocommit``: one whose connections commit every
+    statement by itself, for statements that need no transaction around them."""
     with _lock:
-        key = (url, custom_plans)
+        key = (url, custom_plans, autocommit)
         if key not in _engines:
-            _engines[key] = make_engine(url, custom_plans=custom_plans)
+            options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
+            _engines[key] = make_engine(url, custom_plans=custom_plans, **options)
         return _engines[key]
 
 

@@ -143,7 +143,9 @@ def test_a_customer_is_created_by_one_statement_and_a_group_in_a_transaction(
     def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         sent.append((conn.connection.dbapi_connection.autocommit, statement.split(None, 1)[0].upper()))
 
-    event.listen(engine, "before_cursor_execute", record)
+    engines = {engine, c.app.state.hub.reader}  # type: ignore[attr-defined]
+    for each in engines:
+        event.listen(each, "before_cursor_execute", record)
     try:
         created = create(c)
         by_user = list(sent)
@@ -152,7 +154,8 @@ def test_a_customer_is_created_by_one_statement_and_a_group_in_a_transaction(
         assert c.post("/scim/v2/Groups", json=group).status_code == 201
         by_group = list(sent)
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        for each in engines:
+            event.remove(each, "before_cursor_execute", record)
     assert by_user == [(True, "WITH")]
     assert by_group
     assert all(not autocommit for autocommit, _ in by_group)
