@@ -570,33 +570,34 @@ class HubHandler(ScimHandler):
             target = self.service.route(request, operation)
             resource_types = self.service.searched_types(target.endpoint)
             authorized = self.service.authorized_types(request, target, resource_types)
-            found = None
+            page = None
             if equality is not None and len(resource_types) == len(authorized) == 1:
-                found, search_request = self._find_equal(authorized, equality)
-            if found is None:
+                page = self._find_equal(authorized, equality)
+            if page is None:
                 search_request, _ = read(resource_types)
                 with self.storage.operation():
-                    found = self.storage.find(authorized, search_request)
+                    page = self.storage.find(authorized, search_request), search_request
+            found, search_request = page
             return self.service.found_response(
                 request.base_url, resource_types, found, search_request, self.storage.build
             )
 
     def _find_equal(
         self, resource_types: list[ResourceType], equality: _Equality
-    ) -> tuple[scim_storage.Found | None, Any]:
-        """An identity provider's lookup (``userName eq "..."``) without parsing its filter; (None, None)
-        where the filter does not compare a column as it is, and the search goes the general way.
+    ) -> tuple[scim_storage.Found, SearchRequest[Any]] | None:
+        """An identity provider's lookup (``userName eq "..."``) without parsing its filter; None where the
+        filter does not compare a column as it is, and the search goes the general way.
 
         Identity providers send such a lookup for each account they provision. Reading the filter into a
         SearchRequest, then building, hashing and compiling a statement for it took half of one: in-process
         on PostgreSQL, 840 µs the general way, 415 µs this way."""
         compared = self.storage.equal_column(resource_types[0], equality.attribute, equality.value)
         if compared is None:
-            return None, None
+            return None
         self.service.ensure_supported(self.service.config.filter, "Filtering")
         search_request = self.service.search_without_filter(resource_types, equality.rest)
         if search_request.cursor is not None or search_request.count == 0:
-            return None, None
+            return None
         with self.storage.operation():
             return self.storage.find_equal(resource_types[0], compared, search_request), search_request
 
