@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 
 import orchestrator.ledger  # noqa: F401 - registers the ledger tables
 from orchestrator import migrations
@@ -50,3 +51,14 @@ def test_passwords_stored_by_earlier_versions_are_removed(store_url: str) -> Non
         stored = dict(conn.execute(select(identities.c.id, identities.c.doc)).all())
     engine.dispose()
     assert stored == {"kept": {"userName": "a@x.example"}, "cleared": {"userName": "b@x.example"}}
+
+
+def test_ledger_pages_keep_room_for_updates_on_postgresql(store_url: str) -> None:
+    if not store_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL storage parameter")
+    engine = make_engine(store_url)
+    migrations.upgrade(engine)
+    with engine.connect() as conn:
+        options = conn.scalar(text("SELECT reloptions FROM pg_class WHERE relname = 'sync_ledger'"))
+    engine.dispose()
+    assert options == ["fillfactor=70"]
