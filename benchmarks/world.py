@@ -523,14 +523,22 @@ class World:
         expected: dict[str, int],
         *,
         timeout: float,
-        interval: float = 1.0,
+        interval: float = 0.25,
+        longest: float = 2.0,
         on_sample: Callable[[float, dict[str, int]], None] | None = None,
         also: Callable[[], bool] = lambda: True,
     ) -> dict[str, float]:
-        """Poll the ledger until every target has its expected rows done; returns when each got there."""
+        """Poll the ledger until every target has its expected rows done; returns when each got there.
+
+        A count reads every row still owed (80 ms of PostgreSQL's CPU with 200,000 owed, a fifth of what
+        PostgreSQL spent in a drain when counted every second). So the pause after a count is an eighth of the
+        time the rows still owed should take at the rate seen since the last one, between ``interval`` and
+        ``longest``: counts are rare while many rows are owed, and come every ``interval`` near the end."""
         started = time.perf_counter()
         finished: dict[str, float] = {}
         totals: dict[str, int] = {}
+        last: tuple[float, int] | None = None
+        pause = interval
         while True:
             ready = also()  # before the counts: what it waits for must precede what they show
             counts = self.done_counts(totals)
@@ -548,7 +556,15 @@ class World:
                 return finished
             if elapsed > timeout:
                 raise RuntimeError(f"not synced after {timeout:.0f}s: {counts} of {expected}")
-            time.sleep(interval)
+            done = sum(min(want, counts.get(t, 0)) for t, want in expected.items())
+            if last is not None and done > last[1]:
+                owed = sum(expected.values()) - done
+                pause = min(longest, max(interval, owed * (elapsed - last[0]) / (done - last[1]) / 8))
+                last = (elapsed, done)
+            else:  # no rate to go by yet, or none since the last count: twice the last pause
+                pause = interval if last is None else min(longest, 2 * pause)
+                last = last or (elapsed, done)
+            time.sleep(pause)
 
     def target_calls(self) -> dict[str, float]:
         """``idhub_target_calls`` summed over the workers' metrics endpoints, by target."""
