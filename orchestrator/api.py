@@ -644,11 +644,9 @@ class Hub:
                 response = self._handle(
                     request, write=write, batch=operation is Operation.bulk, single=single
                 )
-            except scim_storage.BatchClash:
-                # A held-back creation met a stored userName; one operation at a time says which ones.
-                response = self._handle(request, write=write, batch=False)
-            except scim_storage.StaleRow:
-                # Another request changed the row between the read and the write: again, with the row locked.
+            except (scim_storage.BatchClash, scim_storage.StaleRow):
+                # A held-back creation met a stored userName, or another request changed the row between an
+                # unlocked read and its write. Nothing was written; again an operation at a time, rows locked.
                 response = self._handle(request, write=write, batch=False)
         except SCIMException as exc:
             response = self.service.error_response(exc)

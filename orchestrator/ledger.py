@@ -25,6 +25,8 @@ class Status(StrEnum):
 # Statuses after which a row needs nothing more for the version it records.
 DONE = (Status.SYNCED, Status.OUT_OF_SCOPE, Status.DEPROVISIONED)
 
+# On PostgreSQL its pages keep 30 % room (fillfactor 70, migration 0008), so that the updates of a delivery
+# that change no indexed column (lease, attempt) stay on their page and add no index entries.
 sync_ledger = Table(
     "sync_ledger",
     metadata,

@@ -121,8 +121,8 @@ def bind(
     creations are held back and written together by ``flush``, which the caller runs before it commits;
     ``flush`` raises ``BatchClash`` when the request must be served again with ``batch`` off.
 
-    ``optimistic`` (PostgreSQL, a User's PATCH or PUT on a connection without a transaction) reads without
-    locks; the write, one statement, applies only to the version read, and ``StaleRow`` says when it did not.
+    ``optimistic`` (PostgreSQL, a User's creation, PATCH or PUT on a connection without a transaction) reads
+    without locks; a write, one statement, applies only to the version read, and ``StaleRow`` says when not.
     """
     unit = _Unit(conn, write, batch=_Batch() if batch else None, optimistic=optimistic)
     token = _current.set(unit)
@@ -269,8 +269,9 @@ def _write_with_event(
     row_id: str | None = None,
     read_version: int | None = None,
 ) -> bool:
-    """Insert a row (or update row ``row_id``, at ``read_version``) and write its outbox ``event``; False
-    when an insert met a taken unique key or the row was no longer at ``read_version``: nothing is written."""
+    """Insert a row (or update row ``row_id``) and write its outbox ``event``; False when an insert met a
+    taken unique key or, on PostgreSQL, the row was no longer at ``read_version``: nothing is written then.
+    SQLite writes inside a transaction begun IMMEDIATE, where no other writer can come between."""
     if conn.dialect.name == "postgresql":
         statement = _write_with_event_statement(table, tuple(values), update_row=row_id is not None)
         params = {f"row_{k}": v for k, v in values.items()}
