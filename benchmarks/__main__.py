@@ -14,6 +14,7 @@ Sizes come from the environment, so a quick run and a full run use the same code
     BENCH_WORKER_POOL (prefork), BENCH_BATCH_SIZE (250), BENCH_SWEEP_INTERVAL (5), BENCH_TIMEOUT (1800)
     BENCH_TARGET_CONCURRENCY (one per worker process serving target queues): deliveries in flight per target
     BENCH_APP_UPDATE_METHOD (unset: PATCH): "put" has the SCIM connector update the app by PUT
+    BENCH_APP (sandbox): what serves the SCIM app, the sandbox's SCIM simulator or "scim2-server"
 
 Results are merged into ``build/bench/results.json`` (a scenario run alone replaces only its own part), the
 table is printed, and ``latency.png`` / ``throughput.png`` are drawn next to it. Each scenario's processes

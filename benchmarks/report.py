@@ -10,6 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from benchmarks.world import app_server
+
 OUT = Path("build/bench")
 # The goals of the benchmark issue, shown beside what was measured (never used to change a figure).
 GOALS = {
@@ -51,6 +53,7 @@ def environment() -> dict[str, Any]:
         "versions": {
             p: ver(p) for p in ("celery", "kombu", "sqlalchemy", "psycopg", "fastapi", "scim2-server")
         },
+        "app_target": app_server(),
         "commit": run("git", "rev-parse", "--short", "HEAD"),
         "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
     }

@@ -30,6 +30,7 @@ import httpx
 from sqlalchemy import func, insert, select, text, update
 
 from benchmarks.hub import wait_started
+from connectors.sandbox import runner
 from orchestrator import migrations
 from orchestrator.auth import create_token
 from orchestrator.db import identities, make_engine, now, outbox
@@ -45,7 +46,9 @@ KINDS = ("app", "shop", "newsletter", "crm")
 USER_BULK_SIZE = 500
 BULK = "urn:ietf:params:scim:api:messages:2.0:BulkRequest"
 MARKETING = 'consents[purpose eq "marketing_email" and granted eq true]'
-APP_TOKEN = "bench-app-token"  # the local scim2-server's throwaway token
+# The SCIM app: the sandbox's SCIM simulator, or with BENCH_APP=scim2-server that independent implementation.
+APP_SERVERS = ("sandbox", "scim2-server")
+APP_TOKEN = runner.SCIM_TOKEN  # the sandbox's public test token; scim2-server is started with it too
 L = sync_ledger.c
 
 
@@ -101,6 +104,7 @@ class Tuning:
     # Deliveries one target may have in flight at once (its ``concurrency``); 0: one per worker process
     # that serves the target queues, so no delivery waits for a slot another process of ours holds.
     target_concurrency: int = 0
+    app: str = "sandbox"  # what serves the SCIM app target (APP_SERVERS)
 
     @classmethod
     def from_env(cls) -> Tuning:
@@ -113,6 +117,7 @@ class Tuning:
             batch_size=env_int("BENCH_BATCH_SIZE", 250),
             sweep_interval=env_float("BENCH_SWEEP_INTERVAL", 5.0),
             target_concurrency=env_int("BENCH_TARGET_CONCURRENCY", 0),
+            app=app_server(),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -128,6 +133,14 @@ class Tuning:
         """Each target's ``concurrency`` in the targets file."""
         serving = sum("targets" in g.split(",") or "target." in g for g in self.groups)
         return self.target_concurrency or max(1, serving * self.concurrency)
+
+
+def app_server() -> str:
+    """BENCH_APP: what serves the SCIM app target, the sandbox's simulator (default) or scim2-server."""
+    given = os.environ.get("BENCH_APP") or "sandbox"
+    if given not in APP_SERVERS:
+        raise SystemExit(f"bench: BENCH_APP: unknown {given!r}; known {', '.join(APP_SERVERS)}")
+    return given
 
 
 def app_options() -> str:
@@ -318,14 +331,12 @@ class World:
         migrations.upgrade(self.engine)
         self.token = create_token(self.engine, f"bench-{self.run}", ["admin"])
         for kind in self.kinds:
-            if kind == "app":
+            if kind == "app" and self.tuning.app == "scim2-server":
                 self._start_app()
             else:
                 self._start_sim(kind)
         self.targets_file = self.work / "targets.yaml"
         self.targets_file.write_text(targets_yaml(self.urls, self.tuning.batch_size, self.tuning.slots))
-        from connectors.sandbox import runner
-
         self.env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
@@ -355,7 +366,7 @@ class World:
     def _start_sim(self, kind: str) -> None:
         process = self.spawn(
             f"target:{kind}",
-            [sys.executable, "-m", "benchmarks.targets", kind],
+            [sys.executable, "-m", "benchmarks.targets", "scim" if kind == "app" else kind],
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=subprocess.PIPE,
         )
@@ -374,10 +385,10 @@ class World:
             self.stack.callback(lambda: self.app.stop())
 
     def reset_targets(self) -> None:
-        """Empty every target: the simulators reset, the SCIM app restarted on its port."""
+        """Empty every target: the simulators reset, scim2-server restarted on its port."""
         for root in self.sim_roots.values():
             httpx.post(f"{root}/_bench/reset", timeout=30).raise_for_status()
-        if "app" in self.kinds:
+        if "app" in self.kinds and self.tuning.app == "scim2-server":
             self.app.stop()
             self._start_app(self.app.port)
 
@@ -591,11 +602,13 @@ class World:
         """How many accounts each target holds (the simulators' state, the SCIM app's totalResults)."""
         out: dict[str, int] = {}
         for kind, root in self.sim_roots.items():
+            if kind == "app":
+                continue
             state = httpx.get(f"{root}/_sandbox/state", timeout=120).json()
             out[kind] = sum(len(v) for v in state.values()) if isinstance(state, dict) else len(state)
         if "app" in self.kinds:
             r = httpx.get(
-                f"{self.app.url}/Users",
+                f"{self.urls['app']}/Users",
                 params={"count": 0},
                 headers={"Authorization": f"Bearer {APP_TOKEN}"},
                 timeout=120,
@@ -608,7 +621,7 @@ class World:
         mark the outbox published: a benchmark shortcut past the first provisioning (see resync)."""
         seeded = 0
         headers = {"Authorization": f"Bearer {APP_TOKEN}", "Content-Type": SCIM}
-        with httpx.Client(base_url=self.app.url, headers=headers, timeout=300) as client:
+        with httpx.Client(base_url=self.urls["app"], headers=headers, timeout=300) as client:
             while True:
                 with self.engine.connect() as conn:
                     known = select(L.identity_id).where(L.target == "app")

@@ -165,7 +165,8 @@ class Demo:
         from connectors.sandbox.scim_app import ScimApp
 
         with ExitStack() as stack:
-            sandboxes = runner.start_sandboxes()
+            # The app is scim2-server, an independent SCIM implementation, not the sandbox's own.
+            sandboxes = runner.start_sandboxes(kinds=tuple(k for k in runner.KINDS if k != "scim"))
             stack.callback(sandboxes.stop)
             extension = CustomerUser.to_schema().model_dump(mode="json", exclude_none=True)
             app = ScimApp(self.work / "app", APP_TOKEN, [extension]).start()

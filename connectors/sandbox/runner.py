@@ -12,16 +12,18 @@ from connectors.base import ConnectorSettings
 from connectors.sandbox.core import SandboxServer, Simulator
 from connectors.sandbox.crm import CrmSimulator
 from connectors.sandbox.newsletter import NewsletterSimulator
+from connectors.sandbox.scim import ScimSimulator
 from connectors.sandbox.shop import ShopSimulator
 from connectors.sandbox.webhook import WebhookSimulator
 
-KINDS = ("newsletter", "crm", "shop", "webhook")
+KINDS = ("newsletter", "crm", "shop", "webhook", "scim")
 # Credentials the sandbox accepts: fixed test values, never real keys.
 # ruff: noqa: S105
 NEWSLETTER_KEY = "sandbox-newsletter-key"
 NEWSLETTER_LIST = "sandbox01"
 CRM_TOKEN = "sandbox-crm-token"
 SHOP_KEY, SHOP_SECRET = "ck_sandbox", "cs_sandbox"
+SCIM_TOKEN = "sandbox-scim-token"
 WEBHOOK_SECRET = "whsec_c2FuZGJveC13ZWJob29rLXNpZ25pbmctc2VjcmV0"
 
 
@@ -35,6 +37,8 @@ def build_simulator(kind: str, *, seed: int = 0, **kwargs: Any) -> Simulator:
         return ShopSimulator(key=SHOP_KEY, secret=SHOP_SECRET, seed=seed, **kwargs)
     if kind == "webhook":
         return WebhookSimulator(secret=WEBHOOK_SECRET, seed=seed, **kwargs)
+    if kind == "scim":
+        return ScimSimulator(token=SCIM_TOKEN, seed=seed, **kwargs)
     raise ValueError(f"unknown sandbox kind {kind!r}; known: {', '.join(KINDS)}")
 
 
@@ -45,6 +49,7 @@ def connector_settings(kind: str, url: str, **overrides: Any) -> ConnectorSettin
         "crm": (CRM_TOKEN, {}),
         "shop": (f"{SHOP_KEY}:{SHOP_SECRET}", {}),
         "webhook": (WEBHOOK_SECRET, {}),
+        "scim": (SCIM_TOKEN, {}),
     }[kind]
     values: dict[str, Any] = {"name": f"sandbox-{kind}", "url": url, "token": token, "options": options}
     values.update(overrides)
