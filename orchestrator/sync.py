@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import random
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -74,6 +73,7 @@ from orchestrator.ledger import (
 )
 from orchestrator.mapping import compile_mapping, match_key, schema_of
 from orchestrator.relay import fanned_out
+from orchestrator.renewals import renewals
 from orchestrator.targets import TargetConfig, decide
 
 L = sync_ledger.c
@@ -417,27 +417,17 @@ def _deliver_chunk(
 def _renewing(engine: Engine, target: str, ids: list[str], owner: str, lease: timedelta) -> Iterator[None]:
     """Renew our lease on these rows every third of its length while the calls run: a slow batch keeps its
     rows (no second worker pushes them meanwhile), and only a dead worker's lease runs out."""
-    stop = threading.Event()
 
     def renew() -> None:
-        while not stop.wait(lease.total_seconds() / 3):
-            try:
-                with engine.begin() as conn:
-                    conn.execute(
-                        update(sync_ledger)
-                        .where(L.target == target, L.identity_id.in_(ids), L.lease_owner == owner)
-                        .values(lease_until=utcnow() + lease)
-                    )
-            except Exception:  # the store is away a moment: the next beat tries again
-                log.warning("lease renewal failed for %s", target, exc_info=True)
+        with engine.begin() as conn:
+            conn.execute(
+                update(sync_ledger)
+                .where(L.target == target, L.identity_id.in_(ids), L.lease_owner == owner)
+                .values(lease_until=utcnow() + lease)
+            )
 
-    thread = threading.Thread(target=renew, name="idhub-lease", daemon=True)
-    thread.start()
-    try:
+    with renewals.every(lease.total_seconds() / 3, renew):
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _note_attempts(engine: Engine, target: str, jobs: list[_Job], owner: str) -> None:

@@ -9,7 +9,7 @@ Both read the clock of Redis (``TIME``), never the workers', so skewed hosts sha
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from typing import Protocol
 
 import redis
+
+from orchestrator.renewals import renewals
 
 
 class RateLike(Protocol):
@@ -183,22 +185,15 @@ class ConcurrencySlots:
             if time.monotonic() >= deadline:
                 raise SlotUnavailable(f"all {limit} slots of target {target} are busy")
             time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-        stop = threading.Event()
 
         def keep() -> None:
-            while not stop.wait(ttl / 3):
-                try:
-                    self.refresh(target, token, ttl)
-                except redis.RedisError:  # Redis away a moment: the next beat tries again
-                    continue
+            with contextlib.suppress(redis.RedisError):  # Redis away a moment: the next beat tries again
+                self.refresh(target, token, ttl)
 
-        keeper = threading.Thread(target=keep, name="idhub-slot", daemon=True)
-        keeper.start()
         try:
-            yield token
+            with renewals.every(ttl / 3, keep):
+                yield token
         finally:
-            stop.set()
-            keeper.join()
             self.release(target, token)
 
 
