@@ -54,7 +54,7 @@ def idhub_peak(processes: dict[str, dict[str, float]]) -> float:
         (
             v["peak_rss_mb"]
             for r, v in processes.items()
-            if not r.startswith(("target:", "redis", "naive", "postgres"))
+            if not r.startswith(("target:", "redis", "naive", "postgres", "harness"))
         ),
         default=0.0,
     )
@@ -191,6 +191,7 @@ def latency(work: Path) -> dict[str, Any]:
         w.wait_done(dict.fromkeys(w.kinds, warm), timeout=120, interval=0.2)
         w.record(True)
         timeline: list[tuple[float, dict[str, int]]] = []
+        calls_before, tasks_before = w.target_calls(), w.counter("idhub_tasks")
         with phase(w.monitor) as ph:
             sent = asyncio.run(_offer(w.base, w.token, rate, seconds, w.run))
             ok = [s for s in sent if s["status"] == 201]
@@ -200,6 +201,8 @@ def latency(work: Path) -> dict[str, Any]:
                 interval=0.5,
                 on_sample=lambda t, c: timeline.append((t, c)),
             )
+        calls = {k: v - calls_before.get(k, 0.0) for k, v in w.target_calls().items()}
+        tasks = {k: v - tasks_before.get(k, 0.0) for k, v in w.counter("idhub_tasks").items()}
         with w.engine.connect() as conn:
             ids = [s["id"] for s in ok]
             commits: dict[str, float] = {}
@@ -237,6 +240,8 @@ def latency(work: Path) -> dict[str, Any]:
             "all": spread(everything),
             "per_target": {k: spread(v) for k, v in per_target.items()},
             "unmatched": missing,
+            "hub_calls": calls,
+            "tasks": {k: v for k, v in tasks.items() if v},
             "samples": {k: [round(x * 1000, 1) for x in v] for k, v in per_target.items()},
             "timeline": [[round(t, 2), c] for t, c in timeline],
             "processes": ph["processes"],

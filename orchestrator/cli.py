@@ -135,7 +135,7 @@ def all_queues() -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    argv = ["worker", "-E", "--loglevel", args.loglevel, "-Q", args.queues or all_queues()]
+    argv = ["worker", "--loglevel", args.loglevel, "-Q", args.queues or all_queues()]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
     return _celery(*argv)

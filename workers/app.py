@@ -1,4 +1,4 @@
-"""The Celery application: JSON only, late acks, one message prefetched, no results, events on."""
+"""The Celery application: JSON only, late acks, one message prefetched, no results, events on request."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ class WorkerSettings(BaseSettings):
     reconcile_every: float | None = Field(
         default=None, gt=0, description="Seconds between scheduled reconciliations (report only); unset: off."
     )
+    # Three broker messages per task (sent, started, succeeded) cost a worker about a tenth of its CPU; Flower
+    # switches a running worker's events on every few seconds by itself, so only set this to see every task.
+    task_events: bool = Field(default=False, description="Celery task events from the start.")
 
 
 # The embedded broker's transport (see workers/fsbroker.py), known to kombu by a scheme of its own.
@@ -81,8 +84,8 @@ def make_app(broker_url: str, tuning: WorkerSettings | None = None) -> Celery:
         # A delivery cut off from the broker finishes and records its outcome under its lease (the message
         # comes again and finds the row done); cancelling it mid-call would leave an unknown outcome.
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=tuning.task_events,
+        task_send_sent_event=tuning.task_events,
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport_options,
         task_default_queue=ADMIN_QUEUE,

@@ -207,6 +207,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         "IDHUB_LEASE_SECONDS": "3",
         "IDHUB_STALE_AFTER_SECONDS": "1",
         "IDHUB_SWEEP_INTERVAL": "0.5",
+        "IDHUB_TASK_EVENTS": "true",  # every task reaches Flower, the first ones included
         "CANARY_CRM_TOKEN": runner.CRM_TOKEN,
         "CANARY_WEBHOOK_SECRET": runner.WEBHOOK_SECRET,
     }
@@ -221,7 +222,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
             tmp,
             "worker",
             [
-                *("-m", "celery", "-A", "workers", "worker", "-P", "prefork", "-c", "2", "-E", "-B"),
+                *("-m", "celery", "-A", "workers", "worker", "-P", "prefork", "-c", "2", "-B"),
                 *("-Q", "fanout,admin,target.crm,target.hooks", "-n", "canary@localhost"),
                 *("--without-gossip", "--without-mingle", "--without-heartbeat", "-s", str(tmp / "beat")),
             ],
