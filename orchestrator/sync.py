@@ -1210,7 +1210,11 @@ def _stale(conn: Connection, target: str, now: datetime, stale_after: timedelta,
     front is the latest ``enqueued_at`` among rows delivered within ``stale_after``; rows enqueued before it
     were overtaken. When nothing was delivered that recently, every stale row counts as lost.
     """
-    conditions = [L.target == target, _due(now), _lease_free(now)]
+    # Only pending and retrying rows are ever due (fan-out, replays and releases set pending; an outcome
+    # keeps a row pending while a newer version is desired): said outright, the due index finds them, where
+    # ``_due`` alone read every row of the target on every pass (10 ms at 20,000 rows, per target).
+    waiting = L.status.in_((Status.PENDING.value, Status.RETRYING.value))
+    conditions = [L.target == target, waiting, _due(now), _lease_free(now)]
     old = L.enqueued_at < now - stale_after
     picked = select(L.identity_id).order_by(L.priority.desc(), L.updated_at).limit(limit)
     ids = list(conn.scalars(picked.where(*conditions, or_(L.enqueued_at.is_(None), old))))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import Engine, insert, text
+from sqlalchemy import Engine, insert, text, update
 
 import orchestrator.ledger  # noqa: F401 - registers the ledger tables
 from orchestrator import migrations
@@ -28,7 +28,7 @@ def engine() -> Iterator[Engine]:
     drop_pg_database(url)
 
 
-def _fill(engine: Engine) -> None:
+def _fill(engine: Engine, targets: tuple[str, ...] = ("app", "crm")) -> None:
     stamp = datetime(2026, 1, 1, tzinfo=UTC)
     rows = [
         {
@@ -44,7 +44,7 @@ def _fill(engine: Engine) -> None:
             "updated_at": stamp,
         }
         for i in range(ROWS // 2)
-        for target in ("app", "crm")
+        for target in targets
     ]
     with engine.begin() as conn:
         conn.execute(insert(sync_ledger), rows)
@@ -74,6 +74,24 @@ def test_a_grown_ledger_is_analyzed_once_and_then_looked_up_by_index(engine: Eng
     assert last is not None
     assert "ix_sync_ledger_identity" in _plan(engine)
     assert refresh_statistics(engine) == []  # fresh now: nothing to do
+
+
+def test_changed_rows_are_not_analyzed_again_until_the_ledger_doubles(engine: Engine) -> None:
+    _fill(engine)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE sync_ledger")
+    with engine.begin() as conn:  # every row moves on, twice: no lookup's plan depends on it
+        conn.execute(update(sync_ledger).values(status="synced", synced_version=1))
+        conn.execute(update(sync_ledger).values(priority=1))
+    time.sleep(1.5)  # PostgreSQL publishes a backend's table counters within a second
+    assert refresh_statistics(engine) == []
+    _fill(engine, ("shop", "newsletter", "webhook", "app2"))  # three times the rows the statistics know
+    deadline = time.monotonic() + 10
+    analyzed: list[str] = []
+    while not analyzed and time.monotonic() < deadline:
+        time.sleep(0.2)
+        analyzed = refresh_statistics(engine)
+    assert analyzed == ["sync_ledger"]
 
 
 def test_nothing_is_analyzed_on_sqlite(tmp_path: object) -> None:
