@@ -398,8 +398,8 @@ class ScimSimulator(Simulator):
         resource: dict[str, Any] = {"schemas": list(schemas)}
         for name, value in doc.items():
             lower = name.lower()
-            if lower in READ_ONLY or lower == "schemas" or value is None:
-                continue
+            if lower in READ_ONLY or lower in ("schemas", "password") or value is None:
+                continue  # a password is taken and dropped: it is never returned (RFC 7643 §4.1.1)
             if name.startswith("urn:"):
                 if name not in schemas or not isinstance(value, dict):
                     raise self.fail(400, f"{name} must be an object listed in schemas.", "invalidValue")
@@ -525,7 +525,7 @@ class ScimSimulator(Simulator):
         found = expression()
         if position != len(tokens):
             raise self.fail(400, "The filter goes on after its end.", "invalidFilter")
-        return [rid for rid in self.store[kind] if rid in found] if len(found) > 1 else list(found)
+        return sorted(found)  # ids are fixed-width hex counters: sorted is the order of creation
 
     def _tokens(self, text: str) -> Iterator[str]:
         position = 0

@@ -119,9 +119,12 @@ def test_connector_updates_by_patch_with_etags_and_keeps_what_it_does_not_map(
 
 
 def test_create_answers_201_with_location_etag_and_meta(api: httpx.Client) -> None:
-    response = api.post("/Users", json={"schemas": [USER], "userName": "Ada@Example.com", "externalId": "x1"})
+    doc = {"schemas": [USER], "userName": "Ada@Example.com", "externalId": "x1", "password": "pa55word"}
+    response = api.post("/Users", json=doc)
     assert response.status_code == 201
     body = response.json()
+    assert "password" not in body  # returned never (RFC 7643 §4.1.1), so not kept either
+    assert "pa55word" not in api.get(f"/Users/{body['id']}").text
     assert response.headers["Location"] == f"/v2/Users/{body['id']}"
     assert response.headers["ETag"] == body["meta"]["version"] == 'W/"1"'
     assert body["meta"]["resourceType"] == "User"
