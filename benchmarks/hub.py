@@ -4,7 +4,7 @@ Starts ``idhub serve`` on a fresh PostgreSQL database, loads customers through B
 operation from concurrent keep-alive connections and prints one JSON document of rates and latencies.
 Sizes come from the environment: BENCH_CUSTOMERS (default 100000), BENCH_OPS (default 5000 per kind),
 BENCH_CONCURRENCY (default 16), BENCH_LOW_CONCURRENCY (default 4: latency where requests hardly queue),
-BENCH_SERVER_WORKERS (default: two per core, as `idhub serve` picks on PostgreSQL).
+BENCH_SERVER_WORKERS (default: one per core, as `idhub serve` picks on PostgreSQL).
 
 The client is a small HTTP/1.1 keep-alive client on asyncio streams: on two cores a general-purpose client
 took a large share of the CPU the server needs. Every response is still read whole and checked. Each phase
@@ -327,7 +327,7 @@ def main() -> int:
             capture_output=True,
             text=True,
         ).stdout.strip()
-        workers = str(env_int("BENCH_SERVER_WORKERS", 2 * (os.cpu_count() or 1)))
+        workers = str(env_int("BENCH_SERVER_WORKERS", os.cpu_count() or 1))
         server = subprocess.Popen([*idhub, "serve", "--port", str(port), "--workers", workers], env=env)
         # Generous: on a busy shared machine the workers take long to import and migrate.
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=120)
