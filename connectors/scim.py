@@ -491,11 +491,15 @@ def _body(doc: Mapping[str, Any], etag: str | None = None) -> dict[str, Any]:
     return {"content": json.dumps(doc).encode(), "headers": headers}
 
 
+_LEAVES = frozenset({str, int, float, bool})
+
+
 def _strip_none(value: Any) -> Any:
+    # Leaves are passed over without a call: this ran for every attribute of every record sent.
     if isinstance(value, Mapping):
-        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+        return {k: v if type(v) in _LEAVES else _strip_none(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_strip_none(v) for v in value if v is not None]
+        return [v if type(v) in _LEAVES else _strip_none(v) for v in value if v is not None]
     return value
 
 
