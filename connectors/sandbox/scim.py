@@ -44,46 +44,23 @@ MAX_OPERATIONS = 1000
 MAX_PAYLOAD = 4_000_000
 MAX_RESULTS = 1000
 # RFC 7643 §4.1: the core User attributes a client may send (id, meta and groups are the server's).
-USER_ATTRIBUTES = frozenset(
-    [
-        "username",
-        "name",
-        "displayname",
-        "nickname",
-        "profileurl",
-        "title",
-        "usertype",
-        "preferredlanguage",
-        "locale",
-        "timezone",
-        "active",
-        "password",
-        "emails",
-        "phonenumbers",
-        "ims",
-        "photos",
-        "addresses",
-        "entitlements",
-        "roles",
-        "x509certificates",
-        "externalid",
-    ]
+_USER_MULTI = (
+    "emails",
+    "phonenumbers",
+    "ims",
+    "photos",
+    "addresses",
+    "entitlements",
+    "roles",
+    "x509certificates",
 )
+_USER_SINGLE = (
+    "username name displayname nickname profileurl title usertype preferredlanguage locale timezone"
+)
+USER_ATTRIBUTES = frozenset((*_USER_SINGLE.split(), "active", "password", "externalid", *_USER_MULTI))
 GROUP_ATTRIBUTES = frozenset({"displayname", "members", "externalid"})
 READ_ONLY = frozenset({"id", "meta", "groups"})
-MULTI_VALUED = frozenset(
-    [
-        "emails",
-        "phonenumbers",
-        "ims",
-        "photos",
-        "addresses",
-        "entitlements",
-        "roles",
-        "x509certificates",
-        "members",
-    ]
-)
+MULTI_VALUED = frozenset((*_USER_MULTI, "members"))
 _TOKEN = re.compile(r'\s*(\(|\)|"(?:[^"\\]|\\.)*"|[^\s()]+)')
 _REASONS = {"rate_limited": "tooMany", "too_many_connections": "tooMany"}
 
