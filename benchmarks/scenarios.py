@@ -180,7 +180,7 @@ def _app_created(w: World, prefix: str) -> dict[str, float]:
 
 def latency(work: Path) -> dict[str, Any]:
     """Creates offered through the SCIM API at a fixed rate; commit -> applied per target, from the targets'
-    own clocks (the simulators' recorders, the SCIM app's meta.created)."""
+    own clocks (the simulators' recorders; scim2-server's meta.created when BENCH_APP says so)."""
     rate = env_float("BENCH_LATENCY_RATE", 200)
     seconds = env_float("BENCH_LATENCY_SECONDS", 60)
     warm = 50
