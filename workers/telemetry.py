@@ -9,11 +9,13 @@ Imported by ``workers.base``, so every process that loads the tasks is wired:
 - ``celeryd_after_setup``: silences one notice about a setting idhub sets explicitly.
 - ``worker_process_shutdown``: a pool child is gone; multiprocess mode forgets its live gauges.
 
-``start_process()`` does the same for a plain process (the relay).
+``start_process()`` does the same for a plain process (the relay). Both keep the objects start-up made out of
+the garbage collector's full passes (``gc.freeze``).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import warnings
@@ -34,6 +36,7 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _worker_init(sender: Any = None, **_: Any) -> None:
+    freeze_startup_objects()  # before the pool forks: its children inherit them frozen
     metrics.reset_multiprocess_dir()
     port = metrics.serve()
     pool = getattr(sender, "pool_cls", None)  # a name here ("prefork"), or already the class
@@ -65,3 +68,10 @@ def start_process() -> None:
     """Set up logging and serve metrics in a process that is not a Celery worker (the relay)."""
     logs.configure_from_settings()
     metrics.serve()
+    freeze_startup_objects()
+
+
+def freeze_startup_objects() -> None:
+    """Leave what start-up made (modules, classes, schemas, about 140,000 objects) out of the garbage
+    collector's full passes: each one walked them all, 75 ms in which the process did nothing else."""
+    gc.freeze()
