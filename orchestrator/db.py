@@ -253,6 +253,14 @@ def is_postgres(bind: Engine | Connection) -> bool:
     return bind.dialect.name == "postgresql"
 
 
+@contextmanager
+def unwrapped(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads, or for one statement, without BEGIN and COMMIT around it on PostgreSQL: two
+    round trips fewer, each a wake-up of the server. SQLite's connections keep their transactions."""
+    with engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT") if is_postgres(engine) else conn
+
+
 # The ledger's statements look up a few hundred ids at a time, and PostgreSQL picks the index for them from
 # its statistics. Without fresh ones it assumes each id matches 0.5 % of the table, so it scanned the whole
 # ledger for them: at 200,000 rows a fan-out's lookup took 37 ms instead of 4 and a claim 15 ms instead of 7
@@ -276,7 +284,7 @@ def refresh_statistics(engine: Engine) -> list[str]:
         " WHERE s.relname IN :names AND s.schemaname = current_schema()"
         " AND s.n_live_tup > :rows + :growth * greatest(c.reltuples, 0)"
     ).bindparams(bindparam("names", expanding=True))
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with unwrapped(engine) as conn:
         names = list(conn.scalars(stale, {"names": _ANALYZED, "rows": _STALE_ROWS, "growth": _GROWTH}))
         for name in names:
             conn.exec_driver_sql(f"ANALYZE {name}")  # a name of ours, not input

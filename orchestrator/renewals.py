@@ -8,6 +8,7 @@ or token, so a late one changes nothing.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ class Renewals:
         self._calls: dict[int, tuple[float, float, Callable[[], None]]] = {}  # key: (due, every, call)
         self._sleeping_until = float("inf")
         self._thread: threading.Thread | None = None
-        self._keys = iter(range(1, 1 << 62))
+        self._keys = itertools.count(1)
 
     @contextmanager
     def every(self, seconds: float, call: Callable[[], None]) -> Iterator[None]:

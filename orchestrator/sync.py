@@ -60,6 +60,7 @@ from orchestrator.db import (
     refresh_statistics,
     row_params,
     row_source,
+    unwrapped,
 )
 from orchestrator.db import now as utcnow
 from orchestrator.guard import HELD, Candidate, hold_mass_deprovisions
@@ -363,7 +364,7 @@ def _urgent_first(
     ``_URGENT_PER_CALL`` of them beyond ``ids``), then ``ids`` in chunks of the target's batch size (topped
     up with other pending rows of the target when ``coalesce``)."""
     size = cfg.batch_size
-    with _unwrapped(engine) as conn:
+    with unwrapped(engine) as conn:
         urgent = list(conn.scalars(_URGENT_IDS, {"k_target": cfg.name, "now": now}))
         taken = set(urgent)
         rest = [i for i in ids if i not in taken]
@@ -455,14 +456,6 @@ def _note_attempts(conn: Connection, target: str, jobs: list[_Job], owner: str) 
         postgres = is_postgres(conn)
         shared = {"k_target": target, "k_owner": owner}
         conn.execute(_note_attempt(postgres), row_params(_NOTED, params, shared, postgres=postgres))
-
-
-@contextmanager
-def _unwrapped(engine: Engine) -> Iterator[Connection]:
-    """A connection for reads, or for one statement, without BEGIN and COMMIT around it on PostgreSQL: two
-    round trips fewer, each a wake-up of the server."""
-    with engine.connect() as conn:
-        yield conn.execution_options(isolation_level="AUTOCOMMIT") if is_postgres(engine) else conn
 
 
 def _upserts_user(job: _Job) -> bool:
@@ -772,7 +765,7 @@ def _record(
     plain = not (retry or dead or release or purged or disabled or cfg.groups) and healthy and successes
     if plain and is_postgres(engine) and not any(j.erased or j.confirmation for j in jobs):
         # Only successes, on a healthy target: the one statement needs no transaction around it.
-        with _unwrapped(engine) as conn:
+        with unwrapped(engine) as conn:
             conn.execute(_record_success(True), row_params(_RECORDED, ok, mine, postgres=True))
         return
     with engine.begin() as conn:
