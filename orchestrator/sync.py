@@ -386,17 +386,18 @@ def _deliver_chunk(
     lease: timedelta,
     report: DeliveryReport,
 ) -> None:
-    # The target's health, the lease and the current state of what it took, in one transaction.
+    # The target's health, what is due with its current state, and the lease, in one transaction.
     with engine.begin() as conn:
         state = conn.execute(select(target_state).where(target_state.c.target == cfg.name)).first()
         if state is not None and (state.disabled or state.quarantined_until is not None):
             report.disabled = bool(state.disabled)
             report.quarantined = not state.disabled
             return
-        claim = {"k_target": cfg.name, "k_ids": ids, "now": now, "v_owner": owner, "v_until": now + lease}
-        rows = list(conn.execute(_CLAIM, claim))
-        jobs, purged = _plan(conn, cfg, connector, rows) if rows else ([], [])
-        _note_attempts(conn, cfg.name, [j for j in jobs if _noted_with_claim(j)], owner)
+        due = conn.execute(_DUE_USERS, {"k_target": cfg.name, "k_ids": ids, "now": now}).all()
+        users = {r.identity_id: r for r in due if r.id is not None}
+        upserts = _upserts(cfg, connector, users)
+        rows = _claim(conn, cfg.name, [r.identity_id for r in due], upserts, now, owner, now + lease)
+        jobs, purged = _plan(conn, cfg, connector, rows, users, upserts) if rows else ([], [])
     taken = {r.identity_id for r in rows}
     report.not_due.extend(i for i in ids if i not in taken)
     if not rows:
@@ -488,13 +489,62 @@ def _find_lost_creates(connector: Connector, jobs: list[_Job], report: DeliveryR
             job.record = replace(job.record, remote_id=found)
 
 
+def _upserts(
+    cfg: TargetConfig, connector: Connector, users: Mapping[str, Any]
+) -> dict[str, tuple[dict[str, Any], str | None, str]]:
+    """What an upsert of each user in the target's scope sends: attributes, matching key and digest. Known
+    before the rows are taken, so the claim notes each upsert as it takes its row (``_claim``)."""
+    mapper = _mapper(cfg, connector)
+    out: dict[str, tuple[dict[str, Any], str | None, str]] = {}
+    for ident_id, ident in users.items():
+        # An active user in scope is upserted whatever the row says (``decide``): no row needed here.
+        if ident.deleted_at is not None:
+            continue
+        if decide(cfg, ident.doc, deleted=False, previously_provisioned=False).action != UPSERT:
+            continue
+        attrs = mapper(ident.doc)
+        key = match_key(attrs, connector.match_field) if attrs else None
+        out[ident_id] = (attrs, key, _digest(UPSERT, attrs))
+    return out
+
+
+def _claim(
+    conn: Connection,
+    target: str,
+    ids: list[str],
+    upserts: Mapping[str, tuple[dict[str, Any], str | None, str]],
+    now: datetime,
+    owner: str,
+    until: datetime,
+) -> list[Any]:
+    """Take the lease on the rows of ``ids`` still due and free, noting each upsert's attempt on the way
+    (``_claim_statement``); the rows as they are now."""
+    if not ids:
+        return []
+    values = [
+        {"k_id": i, "k_key": upserts[i][1], "k_digest": upserts[i][2]}
+        if i in upserts
+        else {"k_id": i, "k_key": None, "k_digest": None}
+        for i in ids
+    ]
+    shared = {"k_target": target, "now": now, "v_owner": owner, "v_until": until}
+    if is_postgres(conn):
+        return list(conn.execute(_claim_statement(True), row_params(_CLAIMED, values, shared, postgres=True)))
+    # SQLite runs an UPDATE ... RETURNING a row at a time.
+    statement = _claim_statement(False)
+    return [row for v in values for row in conn.execute(statement, {**shared, **v})]
+
+
 def _plan(
-    conn: Connection, cfg: TargetConfig, connector: Connector, rows: list[Any]
+    conn: Connection,
+    cfg: TargetConfig,
+    connector: Connector,
+    rows: list[Any],
+    users: Mapping[str, Any],
+    upserts: Mapping[str, tuple[dict[str, Any], str | None, str]],
 ) -> tuple[list[_Job], list[str]]:
-    """Read the current state of the leased rows in one go and decide what each needs."""
-    user_ids = [r.identity_id for r in rows if r.resource_type == "User"]
+    """Decide what each leased row needs, from the users read with the due rows and the groups read now."""
     group_ids = [r.identity_id for r in rows if r.resource_type == "Group"]
-    users = _current_users(conn, user_ids)
     grps = _current_groups(conn, group_ids)
     members = _members(conn, cfg.name, list(grps)) if grps and connector.supports_groups else {}
     mapper = _mapper(cfg, connector)
@@ -521,12 +571,17 @@ def _plan(
                 continue
             deleted = ident.deleted_at is not None
             doc = None if deleted else ident.doc
-            action = decide(cfg, doc, deleted=deleted, previously_provisioned=_provisioned(row)).action
-            attrs = mapper(doc) if doc else {}
-            key = match_key(attrs, connector.match_field) if attrs else None
-            if action != UPSERT and row.remote_id is None and row.inflight_key is not None:
-                # The account a lost create may have made, found by that key alone (a tombstone has none).
-                key, attrs = row.inflight_key, {}
+            upsert = upserts.get(row.identity_id)
+            if upsert is not None:
+                action, (attrs, key, digest) = UPSERT, upsert
+            else:
+                action = decide(cfg, doc, deleted=deleted, previously_provisioned=_provisioned(row)).action
+                attrs = mapper(doc) if doc else {}
+                key = match_key(attrs, connector.match_field) if attrs else None
+                if action != UPSERT and row.remote_id is None and row.inflight_key is not None:
+                    # The account a lost create may have made, found by that key alone (a tombstone has none).
+                    key, attrs = row.inflight_key, {}
+                digest = _digest(action, attrs)
             # Switched back on after a deactivation (consent regranted, reactivated).
             resume = action == UPSERT and row.synced_action == "deactivate"
             record = Record(
@@ -538,7 +593,7 @@ def _plan(
                 resume=resume,
                 first_attempt=row.remote_id is None and row.synced_version is None and row.attempts == 0,
             )
-            job = _Job(row, action, ident.version, record, _digest(action, attrs), "User", erased=deleted)
+            job = _Job(row, action, ident.version, record, digest, "User", erased=deleted)
             job.committed_at = ident.updated_at
         if action == NONE or (job.digest == row.payload_digest and action == row.synced_action):
             job.result = Result(row.remote_id, "unchanged")
@@ -966,17 +1021,45 @@ _PENDING_IDS = (
     .where(L.target == bindparam("k_target"), L.status == Status.PENDING.value, _due(_NOW), _lease_free(_NOW))
     .limit(bindparam("n"))
 )
-_CLAIM = (
-    update(sync_ledger)
+# The rows of a delivery still due and free, with their users' current state (none for a group, or a user
+# whose tombstone was purged): read without a lock, so a delivery whose rows are all done writes nothing.
+_DUE_USERS = (
+    select(L.identity_id, _I.id, _I.version, _I.doc, _I.deleted_at, _I.updated_at)
+    .select_from(sync_ledger.outerjoin(identities, _I.id == L.identity_id))
     .where(
         L.target == bindparam("k_target"),
         InList(L.identity_id, "k_ids"),
         _due(_NOW),
         _lease_free(_NOW),
     )
-    .values(lease_owner=bindparam("v_owner"), lease_until=bindparam("v_until"))
-    .returning(*sync_ledger.c)
 )
+_CLAIMED: dict[str, TypeEngine[Any]] = {"k_id": String(), "k_key": String(), "k_digest": String()}
+
+
+@functools.cache
+def _claim_statement(postgres: bool) -> Any:
+    """Take the lease where the row is still due and free, and note an upsert's attempt in the same write:
+    what a worker killed before recording the outcome leaves behind (``_note_attempts``), here for the
+    upserts that need no lookup first. ``k_digest`` is set for an upsert only; the row, as it was, says
+    whether the record changed since the last push and whether an earlier push went out under another key
+    (``_noted_with_claim``), exactly as the plan reads the row this returns."""
+    row = row_source(_CLAIMED, postgres=postgres)
+    noted = and_(
+        row["k_digest"].is_not(None),
+        or_(L.inflight_key.is_(None), L.inflight_key == row["k_key"]),
+        or_(L.payload_digest.is_distinct_from(row["k_digest"]), L.synced_action.is_distinct_from(UPSERT)),
+    )
+    return (
+        update(sync_ledger)
+        .where(L.target == bindparam("k_target"), L.identity_id == row["k_id"], _due(_NOW), _lease_free(_NOW))
+        .values(
+            lease_owner=bindparam("v_owner"),
+            lease_until=bindparam("v_until"),
+            payload_digest=case((noted, None), else_=L.payload_digest),
+            inflight_key=case((noted, row["k_key"]), else_=L.inflight_key),
+        )
+        .returning(*sync_ledger.c)
+    )
 
 
 def _fenced(identity_id: ColumnElement[Any]) -> ColumnElement[bool]:
