@@ -339,14 +339,15 @@ def deliver(
     now: datetime | None = None,
     owner: str,
     lease: timedelta = timedelta(minutes=5),
-    coalesce: bool = False,
+    coalesce: int = 0,
 ) -> DeliveryReport:
     """Push the current state of the due rows among ``identity_ids`` to one target and record the outcomes.
 
     ``owner`` must be unique per attempt; ``lease`` is renewed while the calls run, so it only says how long
-    the rows of a worker that died stay taken. ``coalesce`` fills a batch short of the target's batch size
-    with other pending rows of the target: under a stream of small changes, one delivery carries what many
-    queued deliveries were enqueued for, and those then find their rows done and return at once.
+    the rows of a worker that died stay taken. ``coalesce`` fills a batch short of that many records (up to
+    the target's batch size) with other pending rows of the target: under a stream of small changes, one
+    delivery carries what many queued deliveries were enqueued for, and those then find their rows done and
+    return at once.
     """
     report = DeliveryReport(cfg.name)
     ids = list(dict.fromkeys(identity_ids))
@@ -358,20 +359,21 @@ def deliver(
 
 
 def _urgent_first(
-    engine: Engine, cfg: TargetConfig, ids: list[str], now: datetime, *, coalesce: bool = False
+    engine: Engine, cfg: TargetConfig, ids: list[str], now: datetime, *, coalesce: int = 0
 ) -> list[list[str]]:
     """Delivery chunks: the target's due rows of raised priority first, in a chunk of their own (up to
     ``_URGENT_PER_CALL`` of them beyond ``ids``), then ``ids`` in chunks of the target's batch size (topped
-    up with other pending rows of the target when ``coalesce``)."""
+    up to ``coalesce`` records with other pending rows of the target)."""
     size = cfg.batch_size
+    fill = min(coalesce, size)
     with unwrapped(engine) as conn:
         urgent = list(conn.scalars(_URGENT_IDS, {"k_target": cfg.name, "now": now}))
         taken = set(urgent)
         rest = [i for i in ids if i not in taken]
-        if coalesce and len(rest) < size:
+        if len(rest) < fill:
             known = taken | set(ids)
-            more = conn.scalars(_PENDING_IDS, {"k_target": cfg.name, "now": now, "n": size + len(known)})
-            rest += [i for i in more if i not in known][: size - len(rest)]
+            more = conn.scalars(_PENDING_IDS, {"k_target": cfg.name, "now": now, "n": fill + len(known)})
+            rest += [i for i in more if i not in known][: fill - len(rest)]
     chunks = [urgent[s : s + size] for s in range(0, len(urgent), size)]
     return chunks + [rest[s : s + size] for s in range(0, len(rest), size)]
 
@@ -659,13 +661,23 @@ def _digest(action: str, attrs: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def records_per_call(cfg: TargetConfig, connector: Connector) -> int:
+    """How many upserts one request to the target carries: its batch, or one where it takes no batches (or
+    cannot say now: a SCIM target unreachable for its ServiceProviderConfig fails the delivery itself)."""
+    try:
+        batches = connector.supports_batch
+    except SyncError:
+        return 1
+    return max(1, min(cfg.batch_size, connector.max_batch)) if batches else 1
+
+
 def _call(cfg: TargetConfig, connector: Connector, jobs: list[_Job], report: DeliveryReport) -> bool:
     """Call the target for every job, storing a result or an error on each; True when it disabled us."""
     upserts = [j for j in jobs if j.action == UPSERT and j.resource_type == "User"]
     others = [j for j in jobs if not (j.action == UPSERT and j.resource_type == "User")]
     try:
         if connector.supports_batch and len(upserts) > 1:
-            size = max(1, min(cfg.batch_size, connector.max_batch))
+            size = records_per_call(cfg, connector)
             for start in range(0, len(upserts), size):
                 chunk = upserts[start : start + size]
                 report.calls += 1

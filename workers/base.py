@@ -116,8 +116,11 @@ class IdhubTask(Task):  # type: ignore[misc]
         """A lease owner unique to this attempt of this task."""
         return f"{socket.gethostname()}:{os.getpid()}:{self.request.id}"
 
-    def deliver_batch(self, cfg: TargetConfig, ids: Sequence[str], lease: float) -> sync.DeliveryReport:
-        """``sync.deliver`` under this attempt's lease, recorded in the metrics and the log (ids only)."""
+    def deliver_batch(
+        self, cfg: TargetConfig, ids: Sequence[str], lease: float, fill: int
+    ) -> sync.DeliveryReport:
+        """``sync.deliver`` under this attempt's lease, its batch topped up to ``fill`` records with other
+        pending rows of the target; recorded in the metrics and the log (ids only)."""
         started = time.perf_counter()
         report = sync.deliver(
             self.engine,
@@ -126,8 +129,7 @@ class IdhubTask(Task):  # type: ignore[misc]
             ids,
             owner=self.owner(),
             lease=timedelta(seconds=lease),
-            # Topped-up rows would go out without rate-limit tokens: only unlimited targets coalesce.
-            coalesce=cfg.rate_limit is None,
+            coalesce=fill,
         )
         elapsed = time.perf_counter() - started
         metrics.observe_delivery(report, elapsed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -134,6 +134,19 @@ class RateLimiter:
             if deadline is not None and time.monotonic() + delay > deadline:
                 return False
             time.sleep(delay)
+
+
+def admit(
+    limiter: RateLimiter, target: str, rate: RateLike, ids: Sequence[str], per_call: int
+) -> tuple[list[str], float]:
+    """The ids a delivery may push now under the target's rate limit, and 0; or none and the seconds to wait.
+
+    A target limits requests (HubSpot: 190 per 10 s), and one request carries up to ``per_call`` records where
+    the target takes batches: a token per request, and at most a burst's worth of requests at once.
+    """
+    now = list(ids[: max(1, int(rate.burst)) * per_call])
+    wait = limiter.acquire(target, rate, -(-len(now) // per_call))
+    return (now, 0.0) if wait <= 0 else ([], wait)
 
 
 class SlotUnavailable(RuntimeError):

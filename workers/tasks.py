@@ -11,7 +11,7 @@ from orchestrator import relay, sync
 from orchestrator.db import now
 from workers.app import app
 from workers.base import IdhubTask, log
-from workers.limits import ConcurrencySlots, RateLimiter, SlotUnavailable
+from workers.limits import ConcurrencySlots, RateLimiter, SlotUnavailable, admit
 
 # A delivery held back by a rate limit or a busy concurrency slot comes back after at most this long.
 REQUEUE_MAX = 2.0
@@ -42,21 +42,24 @@ def deliver(self: IdhubTask, target: str, identity_ids: list[str]) -> None:
     lease = self.tuning.lease_seconds
     # The embedded broker has no Redis: there, rate limits and slots are not enforced (the demo only).
     store = self.redis()
+    fill = cfg.batch_size
     if store is not None and cfg.rate_limit is not None:
-        ids = ids[: max(1, int(cfg.rate_limit.burst))]
-        wait = RateLimiter(store).acquire(target, cfg.rate_limit, len(ids))
+        per_call = sync.records_per_call(cfg, self.connector(target))
+        ids, wait = admit(RateLimiter(store), target, cfg.rate_limit, ids, per_call)
         if wait > 0:
             self.enqueue_deliveries(
                 {target: identity_ids}, countdown=min(wait, REQUEUE_MAX), reason="rate_limited"
             )
             return
+        # Other pending rows ride along only where the requests paid for have room: they cost no tokens.
+        fill = min(fill, -(-len(ids) // per_call) * per_call)
     try:
         with (
             ConcurrencySlots(store).slot(target, cfg.concurrency, ttl=self.tuning.slot_ttl_seconds)
             if store is not None
             else nullcontext()
         ):
-            self.deliver_batch(cfg, ids, lease)
+            self.deliver_batch(cfg, ids, lease, fill)
     except SlotUnavailable:
         self.enqueue_deliveries({target: identity_ids}, countdown=0.2, reason="busy")
         return

@@ -24,11 +24,11 @@ def test_a_small_delivery_takes_the_targets_other_pending_rows(
     _fan_out(clean, targets)
     plain = deliver_now(clean, cfg, users[:1])
     assert plain.done == users[:1]  # without coalescing, only what it was asked for
-    report = deliver_now(clean, cfg, users[1:2], coalesce=True)
+    report = deliver_now(clean, cfg, users[1:2], coalesce=cfg.batch_size)
     assert users[1] in report.done
     assert len(report.done) == cfg.batch_size  # topped up to one batch
     assert all(rec.by_hub_id(u) is not None for u in report.done)
     # A delivery enqueued for a row it took finds that row done, and takes what is left instead.
-    late = deliver_now(clean, cfg, report.done[1:2], coalesce=True)
+    late = deliver_now(clean, cfg, report.done[1:2], coalesce=cfg.batch_size)
     assert late.not_due == report.done[1:2]
     assert sorted(late.done) == sorted(set(users) - set(plain.done) - set(report.done))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from workers.limits import ConcurrencySlots, RateLimiter, SlotUnavailable
+from workers.limits import ConcurrencySlots, RateLimiter, SlotUnavailable, admit
 
 
 @pytest.fixture
@@ -189,3 +189,21 @@ def test_slots_hold_across_processes(redis_url: str) -> None:
     # All four asked at once: two went in together, and at no moment were more than two inside.
     inside = [sum(1 for s, e in spans if s <= begin < e) for begin, _ in spans]
     assert max(inside) == 2, spans
+
+
+def test_a_rate_limit_counts_requests_and_a_batch_is_one(client: redis.Redis) -> None:
+    from orchestrator.targets import Rate
+
+    limiter = RateLimiter(client)
+    rate = Rate.parse("190/10s")  # HubSpot's: 19 requests a second, a burst of 19
+    ids = [f"id{i}" for i in range(250)]
+    # Batches of 100: 250 records are three requests, so six such deliveries fit in the burst.
+    for _ in range(6):
+        admitted, wait = admit(limiter, "crm", rate, ids, 100)
+        assert (admitted, wait) == (ids, 0.0)
+    admitted, wait = admit(limiter, "crm", rate, ids, 100)
+    assert admitted == []
+    assert 0 < wait <= 3 / 19 + 0.05  # the three requests' tokens, refilled at 19 a second
+    # One record a request: a delivery takes at most the burst, and leaves the rest for later.
+    admitted, wait = admit(limiter, "webhook", rate, ids, 1)
+    assert (admitted, wait) == (ids[:19], 0.0)
