@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from psycopg.types.array import ListBinaryDumper
 from pydantic_core import from_json, to_json
 from sqlalchemy import (
     JSON,
@@ -172,11 +173,21 @@ def make_engine(url: str, *, custom_plans: bool = False, **kwargs: Any) -> Engin
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     engine = create_engine(url, **kwargs)
+    event.listen(engine, "connect", _binary_arrays)
     if custom_plans:
         event.listen(engine, "connect", _custom_plans)
     if not kwargs.get("pool_pre_ping"):
         _ping_when_idle(engine)
     return engine
+
+
+def _binary_arrays(dbapi_connection: Any, _record: Any) -> None:
+    """Lists go to PostgreSQL as binary arrays: psycopg escapes each element of a text array in Python, and
+    the batched statements pass one list per column (the seven of a 250-record delivery's outcome took 2.5 ms
+    to dump as text, 0.5 ms as binary)."""
+    adapters = getattr(dbapi_connection, "adapters", None)  # psycopg 3
+    if adapters is not None:
+        adapters.register_dumper(list, ListBinaryDumper)
 
 
 def _custom_plans(dbapi_connection: Any, _record: Any) -> None:
@@ -272,6 +283,7 @@ def unwrapped(engine: Engine) -> Iterator[Connection]:
 _GROWTH: Final = 2.0
 _STALE_ROWS: Final = 1000
 _ANALYZED: Final = ("sync_ledger",)
+_SAMPLE_TARGET: Final = 10  # ANALYZE samples 300 rows per unit
 
 
 def refresh_statistics(engine: Engine) -> list[str]:
@@ -286,7 +298,12 @@ def refresh_statistics(engine: Engine) -> list[str]:
     ).bindparams(bindparam("names", expanding=True))
     with unwrapped(engine) as conn:
         names = list(conn.scalars(stale, {"names": _ANALYZED, "rows": _STALE_ROWS, "growth": _GROWTH}))
-        for name in names:
+    for name in names:
+        with engine.begin() as conn:
+            # A sample of 3,000 rows, not 30,000: the ledger's lookups need its size and how few rows an id
+            # matches, which a small sample tells as well. The default's took a core for 0.2 to 0.7 s at
+            # 30,000 to 100,000 rows: at 200 changes a second, a latency spike across all targets.
+            conn.exec_driver_sql(f"SET LOCAL default_statistics_target = {_SAMPLE_TARGET}")
             conn.exec_driver_sql(f"ANALYZE {name}")  # a name of ours, not input
     return names
 
