@@ -151,6 +151,20 @@ def wait_started(root: int, workers: int, timeout: float = 120.0) -> None:
     raise TimeoutError(f"the server's {workers} workers did not settle within {timeout} s")
 
 
+def wait_idle(root: int, timeout: float = 120.0) -> None:
+    """Wait until process ``root`` and its children have stopped using the CPU: done importing and starting,
+    which would otherwise count in the phase that follows."""
+    deadline = time.monotonic() + timeout
+    previous = _cpu_of(_family(root))
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        busy = _cpu_of(_family(root))
+        if busy - previous < 0.02:
+            return
+        previous = busy
+    raise TimeoutError(f"process {root} did not settle within {timeout} s")
+
+
 def _machine_cpu() -> float:
     """CPU seconds every core of the machine spent busy since boot."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
