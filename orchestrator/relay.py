@@ -38,12 +38,17 @@ def notify(conn: Connection) -> None:
         conn.execute(text(f"NOTIFY {CHANNEL}"))
 
 
-def relay_once(engine: Engine, publish: Publish, *, batch: int = 500) -> int:
-    """Publish one batch of unpublished events in seq order and mark them published; returns how many."""
+def relay_once(
+    engine: Engine, publish: Publish, *, batch: int = 500, older_than: datetime | None = None
+) -> int:
+    """Publish one batch of unpublished events (made before ``older_than``, if given) in seq order and mark
+    them published; returns how many."""
     with engine.begin() as conn:
         query = (
             select(outbox.c.seq).where(outbox.c.published_at.is_(None)).order_by(outbox.c.seq).limit(batch)
         )
+        if older_than is not None:
+            query = query.where(outbox.c.created_at < older_than)
         if is_postgres(conn):
             # Several relays may run: each claims a disjoint batch instead of waiting on the others' locks.
             query = query.with_for_update(skip_locked=True)
@@ -99,10 +104,11 @@ def fanned_out(conn: Connection, seqs: Sequence[int]) -> None:
 _FANNED_OUT = delete(outbox_inflight).where(InList(outbox_inflight.c.seq, "seqs"))
 
 
-def drain(engine: Engine, publish: Publish, *, batch: int = 500) -> int:
-    """Relay until nothing is left unpublished; returns how many events were published."""
+def drain(engine: Engine, publish: Publish, *, batch: int = 500, older_than: datetime | None = None) -> int:
+    """Relay until nothing is left unpublished (made before ``older_than``, if given); returns how many events
+    were published."""
     total = 0
-    while (count := relay_once(engine, publish, batch=batch)) > 0:
+    while (count := relay_once(engine, publish, batch=batch, older_than=older_than)) > 0:
         total += count
     return total
 

@@ -86,7 +86,9 @@ def relay_task(self: IdhubTask) -> int:
 def sweep(self: IdhubTask) -> dict[str, Any]:
     tuning, stamp = self.tuning, now()
     stale = timedelta(seconds=tuning.stale_after_seconds)
-    published = relay.drain(self.engine, self.publisher())
+    # What the relay left behind (it is down, or was), not what it is about to publish: racing it for fresh
+    # commits sent them out one or two at a time, a fan-out task each, for as long as they kept coming.
+    published = relay.drain(self.engine, self.publisher(), older_than=stamp - stale)
     republished = relay.republish_stale(self.engine, self.publisher(), older_than=stamp - stale)
     found = sync.sweep(self.engine, list(self.targets().values()), stamp, stale_after=stale)
     self.enqueue_deliveries(found.due)

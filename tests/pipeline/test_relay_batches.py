@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select, update
 
-from orchestrator.relay import run_forever
+from orchestrator.db import now, outbox
+from orchestrator.relay import drain, run_forever
 from tests.pipeline.conftest import put_user, wait_for
 
 
@@ -50,3 +52,20 @@ def test_commits_made_while_a_batch_goes_out_wait_for_the_next_linger(clean: Eng
             put_user(clean)
 
     assert _batch_sizes(clean, then=2, total=6, during_first=three_more) == [1, 5]
+
+
+def test_the_sweepers_drain_leaves_fresh_commits_to_the_relay(clean: Engine) -> None:
+    # The sweeper publishes what the relay left behind; racing the relay for what was just committed sent
+    # those out a commit or two at a time.
+    old, fresh = put_user(clean), put_user(clean)
+    with clean.begin() as conn:
+        conn.execute(
+            update(outbox).where(outbox.c.resource_id == old).values(created_at=now() - timedelta(minutes=2))
+        )
+    published: list[int] = []
+    assert drain(clean, published.extend, older_than=now() - timedelta(minutes=1)) == 1
+    with clean.connect() as conn:
+        ids = {r.resource_id: r.seq for r in conn.execute(select(outbox.c.resource_id, outbox.c.seq))}
+    assert published == [ids[old]]
+    assert drain(clean, published.extend) == 1  # the relay's own drain takes the rest
+    assert published == [ids[old], ids[fresh]]
