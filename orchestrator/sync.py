@@ -466,8 +466,9 @@ def _upserts_user(job: _Job) -> bool:
 
 
 def _noted_with_claim(job: _Job) -> bool:
-    """Upserts that need no lookup first (``_find_lost_creates``) are noted in the claim's transaction: one
-    commit fewer. Deprovisions wait for the mass-deprovision guard, lookups for what they find."""
+    """Upserts that need no lookup first (``_find_lost_creates``) are noted by the statement that takes their
+    rows (``_claim_statement``). Deprovisions wait for the mass-deprovision guard, lookups for what they
+    find, and are noted after."""
     return _upserts_user(job) and job.row.inflight_key in (None, job.record.match_key)
 
 

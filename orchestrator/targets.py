@@ -200,6 +200,7 @@ class TargetConfig(_Strict):
     on_deactivate: Annotated[DeprovisionPolicy, _policy(_ON_DEACTIVATE)] = DeprovisionPolicy.DEACTIVATE
     on_delete: Annotated[DeprovisionPolicy, _policy(_ON_DELETE)] = DeprovisionPolicy.DELETE
     on_leave_scope: Annotated[DeprovisionPolicy, _policy(_ON_DEACTIVATE)] = DeprovisionPolicy.DEACTIVATE
+    # Requests to the target, as targets count them: a batch call is one, however many records it carries.
     rate_limit: Annotated[Rate | None, BeforeValidator(_check_rate)] = None
     # One delivery at a time by default, so a slow target never holds more than one worker process and the
     # other targets keep theirs (invariant 4); raise it with workers dedicated to the target's queue.
