@@ -144,9 +144,9 @@ def admit(
     A target limits requests (HubSpot: 190 per 10 s), and one request carries up to ``per_call`` records where
     the target takes batches: a token per request, and at most a burst's worth of requests at once.
     """
-    now = list(ids[: max(1, int(rate.burst)) * per_call])
-    wait = limiter.acquire(target, rate, -(-len(now) // per_call))
-    return (now, 0.0) if wait <= 0 else ([], wait)
+    batch = list(ids[: max(1, int(rate.burst)) * per_call])
+    wait = limiter.acquire(target, rate, -(-len(batch) // per_call))
+    return (batch, 0.0) if wait <= 0 else ([], wait)
 
 
 class SlotUnavailable(RuntimeError):
