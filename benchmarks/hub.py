@@ -140,15 +140,11 @@ def wait_started(root: int, workers: int, timeout: float = 120.0) -> None:
     if workers <= 1:
         return
     deadline = time.monotonic() + timeout
-    previous = None
-    while time.monotonic() < deadline:
-        family = _family(root) - {root}
-        busy = _cpu_of(family)
-        if len(family) >= workers and previous is not None and busy - previous < 0.02:
-            return
-        previous = busy if len(family) >= workers else None
+    while len(_family(root) - {root}) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server's {workers} workers did not start within {timeout} s")
         time.sleep(0.25)
-    raise TimeoutError(f"the server's {workers} workers did not settle within {timeout} s")
+    wait_idle(root, max(1.0, deadline - time.monotonic()))
 
 
 def wait_idle(root: int, timeout: float = 120.0) -> None:
