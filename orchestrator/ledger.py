@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Float, Index, Integer, String, Table
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+)
 
 from orchestrator.db import BigId, metadata
 
@@ -30,8 +41,8 @@ DONE = (Status.SYNCED, Status.OUT_OF_SCOPE, Status.DEPROVISIONED)
 sync_ledger = Table(
     "sync_ledger",
     metadata,
-    Column("target", String(64), primary_key=True),
-    Column("identity_id", String(36), primary_key=True),
+    Column("target", String(64), nullable=False),
+    Column("identity_id", String(36), nullable=False),
     Column("resource_type", String(16), nullable=False, default="User"),
     Column("remote_id", String(256)),
     Column("desired_version", BigInteger, nullable=False),
@@ -58,8 +69,10 @@ sync_ledger = Table(
     Column("enqueued_at", DateTime(timezone=True)),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Identity first (migration 0009): lookups by identity need no index of their own; a target's scans go
+    # through the due index.
+    PrimaryKeyConstraint("identity_id", "target", name="sync_ledger_pkey"),
     Index("ix_sync_ledger_due", "target", "status", "next_attempt_at"),
-    Index("ix_sync_ledger_identity", "identity_id"),
 )
 
 dead_letters = Table(
