@@ -33,7 +33,7 @@ from connectors.base import (
     Result,
 )
 from connectors.errors import ConflictError, GoneError, PermanentError, RetryableError, SyncError
-from connectors.http import error_for, make_client, retry_after_seconds, send
+from connectors.http import error_for, json_of, make_client, retry_after_seconds, send
 
 BASE = "crm/v3/objects/contacts"
 PERSONAL = (
@@ -83,7 +83,7 @@ class CrmConnector(Connector):
             self._send("PATCH", f"{BASE}/{record.remote_id}", json={"properties": properties})
             return Result(record.remote_id, "updated")
         try:
-            created = self._send("POST", BASE, json={"properties": properties}).json()
+            created = json_of(self._send("POST", BASE, json={"properties": properties}))
         except ConflictError as exc:
             existing = exc.remote_id or self.find(str(properties.get("email") or record.match_key or ""))
             if existing is None:
@@ -97,7 +97,7 @@ class CrmConnector(Connector):
         updates = [i for i, r in enumerate(records) if r.remote_id]
         inputs = [{"id": records[i].remote_id, "properties": self._properties(records[i])} for i in updates]
         if inputs:
-            answer = self._send("POST", f"{BASE}/batch/update", json={"inputs": inputs}).json()
+            answer = json_of(self._send("POST", f"{BASE}/batch/update", json={"inputs": inputs}))
             done = {str(r["id"]) for r in answer.get("results", [])}
             failed = _errors_by_context(answer)
             for i in updates:
@@ -117,7 +117,7 @@ class CrmConnector(Connector):
                 {"id": email, "idProperty": "email", "properties": self._properties(records[i])}
                 for email, i in upserts.items()
             ]
-            answer = self._send("POST", f"{BASE}/batch/upsert", json={"inputs": inputs}).json()
+            answer = json_of(self._send("POST", f"{BASE}/batch/upsert", json={"inputs": inputs}))
             by_email = {str(r["properties"].get("email", "")).lower(): r for r in answer.get("results", [])}
             failed = {k.lower(): v for k, v in _errors_by_context(answer).items()}
             for email, i in upserts.items():
@@ -154,7 +154,7 @@ class CrmConnector(Connector):
     def find(self, match_key: str) -> str | None:
         # batch/read keeps the e-mail in the body: a GET by e-mail would put it in the target's access logs.
         body = {"idProperty": "email", "inputs": [{"id": match_key}], "properties": ["email"]}
-        results = self._send("POST", f"{BASE}/batch/read", json=body).json().get("results", [])
+        results = json_of(self._send("POST", f"{BASE}/batch/read", json=body)).get("results", [])
         return str(results[0]["id"]) if results else None
 
     def read(self, remote_id: str) -> Mapping[str, Any] | None:
@@ -162,13 +162,13 @@ class CrmConnector(Connector):
         response = self._send("GET", f"{BASE}/{remote_id}", params=params, expect={404})
         if response.status_code == 404:
             return None
-        return {"properties": _present(response.json()["properties"], self._read_names())}
+        return {"properties": _present(json_of(response)["properties"], self._read_names())}
 
     def list_accounts(self, cursor: str | None = None) -> Page:
         params: dict[str, Any] = {"limit": self.page_size, "properties": ",".join(self._read_names())}
         if cursor:
             params["after"] = cursor
-        answer = self._send("GET", BASE, params=params).json()
+        answer = json_of(self._send("GET", BASE, params=params))
         accounts = [
             RemoteAccount(
                 remote_id=str(c["id"]),
@@ -227,7 +227,7 @@ def _present(properties: Mapping[str, Any], names: Sequence[str]) -> dict[str, A
 
 def _policy(response: httpx.Response) -> str:
     try:
-        body = response.json()
+        body = json_of(response)
     except ValueError:
         return "unknown"
     policy = body.get("policyName") if isinstance(body, dict) else None

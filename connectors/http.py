@@ -9,6 +9,7 @@ target's machine-readable error code. Never body text, never query strings.
 from __future__ import annotations
 
 import email.utils
+import json
 import math
 import re
 from collections.abc import Collection, Mapping
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import orjson
 
 from connectors.base import ConnectorSettings
 from connectors.errors import ConflictError, GoneError, PermanentError, RetryableError, SyncError
@@ -54,10 +56,29 @@ def make_client(
     )
 
 
+def encode(value: Any) -> bytes:
+    """A request body as JSON. orjson: the stdlib's encoder was a tenth of a delivery worker's CPU."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:  # what orjson refuses and the stdlib writes (integers past 64 bits)
+        return json.dumps(value).encode()
+
+
+def json_of(response: httpx.Response) -> Any:
+    """A response's JSON body (``Response.json``, decoded by orjson); ValueError when it is not JSON."""
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:  # what orjson refuses and the stdlib reads (NaN, integers past 64 bits)
+        return response.json()
+
+
 def send(
     client: httpx.Client, method: str, url: str, *, expect: Collection[int] = (), **kwargs: Any
 ) -> httpx.Response:
     """Perform a request; return the response on 2xx or a status in ``expect``, else raise a SyncError."""
+    if "json" in kwargs:
+        kwargs["content"] = encode(kwargs.pop("json"))
+        kwargs["headers"] = {"Content-Type": "application/json", **(kwargs.get("headers") or {})}
     try:
         response = client.request(method, url, **kwargs)
     except httpx.TimeoutException as exc:
@@ -95,7 +116,7 @@ def error_for(response: httpx.Response) -> SyncError:
 def error_code(response: httpx.Response) -> str | None:
     """The target's machine-readable error code from a JSON error body, when it has a short safe one."""
     try:
-        body = response.json()
+        body = json_of(response)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(body, dict):

@@ -35,7 +35,7 @@ from connectors.base import (
     email_of,
 )
 from connectors.errors import GoneError, PermanentError
-from connectors.http import make_client, send
+from connectors.http import json_of, make_client, send
 
 
 def subscriber_hash(email: str) -> str:
@@ -76,7 +76,7 @@ class NewsletterConnector(Connector):
             send(self.client, "DELETE", f"{self.members}/{record.remote_id}", expect={404})
             record = replace(record, remote_id=None)
         if record.remote_id:
-            member = send(self.client, "PATCH", f"{self.members}/{key}", json=self._body(record)).json()
+            member = json_of(send(self.client, "PATCH", f"{self.members}/{key}", json=self._body(record)))
             if member.get("status") == "archived":
                 raise GoneError("member is archived at the target", status=404)
             return Result(key, "updated")
@@ -100,7 +100,7 @@ class NewsletterConnector(Connector):
             members.append({**body, "email_address": email, "status": body.get("status", self.status_if_new)})
         if members:
             body = {"members": members, "update_existing": explicit}
-            answer = send(self.client, "POST", f"lists/{self.list_id}", json=body).json()
+            answer = json_of(send(self.client, "POST", f"lists/{self.list_id}", json=body))
             created = {m["email_address"].lower() for m in answer.get("new_members", [])}
             updated = {m["email_address"].lower() for m in answer.get("updated_members", [])}
             errors = {str(e.get("email_address", "")).lower(): e for e in answer.get("errors", [])}
@@ -152,7 +152,7 @@ class NewsletterConnector(Connector):
     def list_accounts(self, cursor: str | None = None) -> Page:
         offset = int(cursor or 0)
         params = {"count": self.page_size, "offset": offset}
-        answer = send(self.client, "GET", self.members, params=params).json()
+        answer = json_of(send(self.client, "GET", self.members, params=params))
         members = answer.get("members", [])
         accounts = [
             RemoteAccount(
@@ -190,7 +190,7 @@ class NewsletterConnector(Connector):
 
     def _get(self, key: str) -> dict[str, Any] | None:
         response = send(self.client, "GET", f"{self.members}/{key}", expect={404})
-        return None if response.status_code == 404 else dict(response.json())
+        return None if response.status_code == 404 else dict(json_of(response))
 
 
 def _mapped(member: Mapping[str, Any]) -> dict[str, Any]:

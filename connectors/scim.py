@@ -8,7 +8,6 @@ Speaks ``/ServiceProviderConfig`` (read once, lazily), ``/Users`` (filter ``eq``
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -26,7 +25,7 @@ from connectors.base import (
     Result,
 )
 from connectors.errors import ConflictError, GoneError, PermanentError, RetryableError, SyncError
-from connectors.http import error_for, make_client, send
+from connectors.http import encode, error_for, json_of, make_client, send
 
 USER_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -121,7 +120,7 @@ class ScimConnector(Connector):
             if self._provider is None:
                 response = send(self.client, "GET", "ServiceProviderConfig", expect={404, 501})
                 ok = response.status_code == 200 and response.content
-                self._provider = ProviderConfig.parse(response.json()) if ok else ProviderConfig()
+                self._provider = ProviderConfig.parse(json_of(response)) if ok else ProviderConfig()
             return self._provider
 
     def probe(self) -> None:
@@ -205,7 +204,7 @@ class ScimConnector(Connector):
         if response.status_code == 404:
             self._forget(remote_id)
             return None
-        doc = response.json()
+        doc = json_of(response)
         self._remember(remote_id, response, doc)
         return {k: v for k, v in doc.items() if k not in ("schemas", "id", "meta")}
 
@@ -213,7 +212,7 @@ class ScimConnector(Connector):
         """One page of /Users by startIndex; the cursor is the next startIndex."""
         start = int(cursor or 1)
         count = int(self.settings.options.get("page_size", 100))
-        doc = send(self.client, "GET", "Users", params={"startIndex": start, "count": count}).json()
+        doc = json_of(send(self.client, "GET", "Users", params={"startIndex": start, "count": count}))
         resources = doc.get("Resources") or []
         accounts = [
             RemoteAccount(
@@ -311,7 +310,7 @@ class ScimConnector(Connector):
 
     def _fetch_etag(self, remote_id: str) -> str | None:
         response = send(self.client, "GET", f"Users/{remote_id}")  # 404 -> GoneError
-        return self._remember(remote_id, response, response.json())
+        return self._remember(remote_id, response, json_of(response))
 
     def _remember(self, remote_id: str, response: httpx.Response, doc: Mapping[str, Any]) -> str | None:
         meta = doc.get("meta")
@@ -330,7 +329,7 @@ class ScimConnector(Connector):
 
     def _search(self, endpoint: str, filter_: str, count: int) -> list[dict[str, Any]]:
         response = send(self.client, "GET", endpoint, params={"filter": filter_, "count": count})
-        resources = response.json().get("Resources") or []
+        resources = json_of(response).get("Resources") or []
         return [r for r in resources if isinstance(r, dict) and r.get("id")]
 
     def _find_record(self, record: Record) -> str | None:
@@ -390,7 +389,7 @@ class ScimConnector(Connector):
             {"method": plans[i][0], "path": plans[i][1], "bulkId": f"r{i}", "data": plans[i][2]}
             for i in chunk
         ]
-        payload = json.dumps({"schemas": [BULK_REQUEST], "Operations": operations}).encode()
+        payload = encode({"schemas": [BULK_REQUEST], "Operations": operations})
         limit = self.provider_config().bulk_max_payload
         too_big = bool(limit) and len(payload) > limit
         response = None
@@ -407,7 +406,7 @@ class ScimConnector(Connector):
             self._bulk(chunk[:half], records, plans, out)
             self._bulk(chunk[half:], records, plans, out)
             return
-        answers = {str(op.get("bulkId")): op for op in response.json().get("Operations") or []}
+        answers = {str(op.get("bulkId")): op for op in json_of(response).get("Operations") or []}
         for i in chunk:
             out[i] = self._bulk_result(records[i], plans[i], answers.get(f"r{i}"))
 
@@ -488,7 +487,7 @@ def _patch(ops: list[dict[str, Any]]) -> dict[str, Any]:
 def _body(doc: Mapping[str, Any], etag: str | None = None) -> dict[str, Any]:
     """Request keyword arguments sending ``doc`` as application/scim+json (If-Match ``etag`` when given)."""
     headers = {"Content-Type": SCIM_JSON} | ({"If-Match": etag} if etag else {})
-    return {"content": json.dumps(doc).encode(), "headers": headers}
+    return {"content": encode(doc), "headers": headers}
 
 
 _LEAVES = frozenset({str, int, float, bool})
@@ -518,7 +517,7 @@ def _json_or_empty(response: httpx.Response) -> dict[str, Any]:
     if not response.content:
         return {}
     try:
-        doc = response.json()
+        doc = json_of(response)
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}

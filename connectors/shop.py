@@ -29,7 +29,7 @@ from connectors.base import (
     email_of,
 )
 from connectors.errors import GoneError, PermanentError, SyncError
-from connectors.http import make_client, send
+from connectors.http import json_of, make_client, send
 
 EXISTS = "registration-error-email-exists"
 ADDRESS = (
@@ -80,7 +80,9 @@ class ShopConnector(Connector):
         existing = self.find(email)
         if existing is None:
             try:
-                return Result(str(send(self.client, "POST", "customers", json=body).json()["id"]), "created")
+                return Result(
+                    str(json_of(send(self.client, "POST", "customers", json=body))["id"]), "created"
+                )
             except PermanentError as exc:
                 if exc.code != EXISTS:
                     raise
@@ -98,7 +100,7 @@ class ShopConnector(Connector):
             "create": [self._body(records[i]) for i in creates],
             "update": [{**self._body(records[i]), "id": int(str(records[i].remote_id))} for i in updates],
         }
-        answer = send(self.client, "POST", "customers/batch", json=payload).json()
+        answer = json_of(send(self.client, "POST", "customers/batch", json=payload))
         for i, item in zip(creates, answer.get("create", []), strict=False):
             error = item.get("error")
             if error is None:
@@ -140,12 +142,12 @@ class ShopConnector(Connector):
     # -- reading ------------------------------------------------------------------------------------
     def find(self, match_key: str) -> str | None:
         params = {"email": match_key, "role": "all"}
-        found = send(self.client, "GET", "customers", params=params).json()
+        found = json_of(send(self.client, "GET", "customers", params=params))
         return str(found[0]["id"]) if found else None
 
     def read(self, remote_id: str) -> Mapping[str, Any] | None:
         response = send(self.client, "GET", f"customers/{remote_id}", expect={404})
-        return None if response.status_code == 404 else _mapped(response.json())
+        return None if response.status_code == 404 else _mapped(json_of(response))
 
     def list_accounts(self, cursor: str | None = None) -> Page:
         page = int(cursor or 1)
@@ -158,7 +160,7 @@ class ShopConnector(Connector):
                 attributes=_mapped(c),
                 external_id=_meta(c, "idhub_id"),
             )
-            for c in response.json()
+            for c in json_of(response)
         ]
         pages = int(response.headers.get("X-WP-TotalPages", "1") or 1)
         return Page(accounts, str(page + 1) if page < pages else None)

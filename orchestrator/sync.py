@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     DateTime,
@@ -658,8 +659,11 @@ def _rearm_groups(conn: Connection, target: str, jobs: list[_Job], now: datetime
 
 
 def _digest(action: str, attrs: Mapping[str, Any]) -> str:
-    text = json.dumps([action, attrs], sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    try:
+        text = orjson.dumps([action, attrs], option=orjson.OPT_SORT_KEYS, default=str)
+    except orjson.JSONEncodeError:  # what orjson refuses and the stdlib writes (integers past 64 bits)
+        text = json.dumps([action, attrs], sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(text).hexdigest()
 
 
 def records_per_call(cfg: TargetConfig, connector: Connector) -> int:

@@ -12,17 +12,17 @@ Not modelled: the daily cap, search, associations, restoring archived contacts.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from connectors.sandbox.core import ApiError, Simulator, now_iso
+from connectors.sandbox.core import ApiError, JsonResponse, Simulator, now_iso
 
 MAX_BATCH = 100
 MAX_LIMIT = 100
@@ -116,7 +116,7 @@ class CrmSimulator(Simulator):
                 policyName="TEN_SECONDLY_ROLLING",
                 groupName="sandbox",
             )
-        return JSONResponse(body, status_code=status)
+        return JsonResponse(body, status_code=status)
 
     def routes(self) -> Sequence[BaseRoute]:
         p = "/crm/v3/objects/contacts"
@@ -219,7 +219,7 @@ class CrmSimulator(Simulator):
         body = await self.json_body(request)
         with self.lock:
             contact = self._create(body.get("properties") if isinstance(body, dict) else None)
-            return JSONResponse(self._view(contact, contact["properties"]), status_code=201)
+            return JsonResponse(self._view(contact, contact["properties"]), status_code=201)
 
     async def get(self, request: Request) -> Response:
         wanted = _names(request.query_params.get("properties"))
@@ -227,7 +227,7 @@ class CrmSimulator(Simulator):
             contact = self._lookup(request.path_params["contact_id"], request.query_params.get("idProperty"))
             if contact is None:
                 raise self._not_found()
-            return JSONResponse(self._view(contact, wanted))
+            return JsonResponse(self._view(contact, wanted))
 
     async def update(self, request: Request) -> Response:
         body = await self.json_body(request)
@@ -236,7 +236,7 @@ class CrmSimulator(Simulator):
             if contact is None:
                 raise self._not_found()
             self._update(contact, body.get("properties") if isinstance(body, dict) else None)
-            return JSONResponse(self._view(contact, contact["properties"]))
+            return JsonResponse(self._view(contact, contact["properties"]))
 
     async def archive(self, request: Request) -> Response:
         with self.lock:
@@ -274,7 +274,7 @@ class CrmSimulator(Simulator):
             body: dict[str, Any] = {"results": [self._view(c, wanted) for c in rest[:limit]]}
             if len(rest) > limit:
                 body["paging"] = {"next": {"after": rest[limit - 1]["id"], "link": ""}}
-            return JSONResponse(body)
+            return JsonResponse(body)
 
     async def batch(self, request: Request) -> Response:
         op = request.path_params["op"]
@@ -314,7 +314,7 @@ class CrmSimulator(Simulator):
         if errors:
             answer.update(numErrors=len(errors), errors=errors)
         ok = 201 if op == "create" else 200
-        return JSONResponse(answer, status_code=207 if errors else ok)
+        return JsonResponse(answer, status_code=207 if errors else ok)
 
     def _batch_one(self, op: str, item: dict[str, Any], body: dict[str, Any]) -> dict[str, Any] | None:
         id_property = item.get("idProperty") or body.get("idProperty")
@@ -352,7 +352,7 @@ def _names(value: str | None) -> list[str]:
 
 
 def _batch_error(response: Response, item: Any) -> dict[str, Any]:
-    body = json.loads(bytes(response.body))
+    body = orjson.loads(response.body)
     context = {"id": [str(item.get("id"))]} if isinstance(item, dict) and item.get("id") else {}
     return {
         "status": "error",

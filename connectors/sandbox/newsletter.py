@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import re
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from connectors.sandbox.core import ApiError, Simulator, now_iso
+from connectors.sandbox.core import ApiError, JsonResponse, Simulator, now_iso
 
 STATUSES = frozenset({"subscribed", "unsubscribed", "cleaned", "pending", "transactional"})
 MAX_BATCH = 500
@@ -86,7 +86,7 @@ class NewsletterSimulator(Simulator):
             "instance": f"sandbox-{self.rng.getrandbits(32):08x}",
             **extra,
         }
-        return JSONResponse(body, status_code=status, media_type="application/problem+json")
+        return JsonResponse(body, status_code=status, media_type="application/problem+json")
 
     def authorized(self, request: Request) -> bool:
         if self.api_key is None:
@@ -208,7 +208,7 @@ class NewsletterSimulator(Simulator):
     async def get_member(self, request: Request) -> Response:
         with self.lock:
             member = self._member(self._list(request), request.path_params["key"])
-            return JSONResponse(self._view(member))
+            return JsonResponse(self._view(member))
 
     async def put_member(self, request: Request) -> Response:
         body = await self.json_body(request)
@@ -228,7 +228,7 @@ class NewsletterSimulator(Simulator):
                 if member["status"] == "archived" and status is None:
                     status = body.get("status_if_new")  # an archived contact comes back like a new one
                 self._update(list_id, member, body, status)
-            return JSONResponse(self._view(member))
+            return JsonResponse(self._view(member))
 
     async def patch_member(self, request: Request) -> Response:
         body = await self.json_body(request)
@@ -236,7 +236,7 @@ class NewsletterSimulator(Simulator):
             list_id = self._list(request)
             member = self._member(list_id, request.path_params["key"])
             self._update(list_id, member, body, body.get("status"))
-            return JSONResponse(self._view(member))
+            return JsonResponse(self._view(member))
 
     async def archive_member(self, request: Request) -> Response:
         with self.lock:
@@ -272,7 +272,7 @@ class NewsletterSimulator(Simulator):
                 if (m["status"] == wanted if wanted else m["status"] != "archived")
             ]
             page = [self._view(m) for m in members[offset : offset + count]]
-            return JSONResponse({"members": page, "list_id": list_id, "total_items": len(members)})
+            return JsonResponse({"members": page, "list_id": list_id, "total_items": len(members)})
 
     async def batch(self, request: Request) -> Response:
         body = await self.json_body(request)
@@ -312,7 +312,7 @@ class NewsletterSimulator(Simulator):
                 except ApiError as exc:
                     detail = bytes(exc.response.body).decode()
                     errors.append(_batch_error(email, _detail(detail), "ERROR_GENERIC"))
-        return JSONResponse(
+        return JsonResponse(
             {
                 "new_members": created,
                 "updated_members": updated,
@@ -334,5 +334,5 @@ def _batch_error(email: Any, message: str, code: str) -> dict[str, Any]:
 
 
 def _detail(raw: str) -> str:
-    body = json.loads(raw)
+    body = orjson.loads(raw)
     return str(body.get("detail") or body.get("title"))

@@ -23,11 +23,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from connectors.sandbox.core import ApiError, Simulator
+from connectors.sandbox.core import ApiError, Simulator, copied
 
 USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -194,7 +195,7 @@ class ScimSimulator(Simulator):
         if len(body) > MAX_PAYLOAD:
             raise self.fail(413, f"The payload exceeds maxPayloadSize ({MAX_PAYLOAD} bytes).")
         try:
-            doc = json.loads(body)
+            doc = orjson.loads(body)
         except ValueError:
             raise self.fail(400, "The request body is not valid JSON.", "invalidSyntax") from None
         if not isinstance(doc, dict) or BULK_REQUEST not in (doc.get("schemas") or []):
@@ -254,7 +255,7 @@ class ScimSimulator(Simulator):
             answer["version"] = resource["meta"]["version"]
         except ApiError as exc:
             answer["status"] = str(exc.response.status_code)
-            answer["response"] = json.loads(bytes(exc.response.body))
+            answer["response"] = orjson.loads(exc.response.body)
         return answer
 
     def _create(self, kind: str, doc: Any) -> dict[str, Any]:
@@ -285,7 +286,7 @@ class ScimSimulator(Simulator):
         if not isinstance(operations, list) or not operations:
             raise self.fail(400, "Operations must be a non-empty list.", "invalidSyntax")
         # Applied to a copy: a failing operation leaves the stored resource as it was.
-        resource = json.loads(json.dumps(self.store[kind][rid]))
+        resource = copied(self.store[kind][rid])
         for op in operations:
             if not isinstance(op, dict):
                 raise self.fail(400, "Each operation must be an object.", "invalidSyntax")
@@ -567,5 +568,5 @@ def _now() -> str:
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    content = json.dumps(body, separators=(",", ":")).encode()
+    content = orjson.dumps(body)
     return Response(content, status_code=status, headers=headers, media_type=MEDIA)

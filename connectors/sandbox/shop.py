@@ -12,17 +12,17 @@ search, roles other than customer, orders.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from connectors.sandbox.core import ApiError, Simulator, now_iso
+from connectors.sandbox.core import ApiError, JsonResponse, Simulator, copied, now_iso
 
 MAX_BATCH = 100
 MAX_PER_PAGE = 100
@@ -89,7 +89,7 @@ class ShopSimulator(Simulator):
 
     def error(self, status: int, reason: str, detail: str = "", **extra: Any) -> Response:
         code = _REASONS.get(reason) or _CODES.get(status, reason)
-        return JSONResponse(
+        return JsonResponse(
             {"code": code, "message": detail, "data": {"status": status, **extra}}, status_code=status
         )
 
@@ -205,24 +205,24 @@ class ShopSimulator(Simulator):
 
     def _view(self, customer: dict[str, Any]) -> dict[str, Any]:
         links = {"self": [{"href": f"{self.base_path}/customers/{customer['id']}"}]}
-        return {**json.loads(json.dumps(customer)), "_links": links}
+        return {**copied(customer), "_links": links}
 
     # -- routes -------------------------------------------------------------------------------------
     async def create(self, request: Request) -> Response:
         body = await self.json_body(request)
         with self.lock:
-            return JSONResponse(self._view(self._create(body)), status_code=201)
+            return JsonResponse(self._view(self._create(body)), status_code=201)
 
     async def get(self, request: Request) -> Response:
         with self.lock:
-            return JSONResponse(self._view(self._customer(request.path_params["customer_id"])))
+            return JsonResponse(self._view(self._customer(request.path_params["customer_id"])))
 
     async def update(self, request: Request) -> Response:
         body = await self.json_body(request)
         with self.lock:
             customer = self._customer(request.path_params["customer_id"])
             self._apply(customer, body if isinstance(body, dict) else {})
-            return JSONResponse(self._view(customer))
+            return JsonResponse(self._view(customer))
 
     async def delete(self, request: Request) -> Response:
         if request.query_params.get("force") not in ("true", "1"):
@@ -230,7 +230,7 @@ class ShopSimulator(Simulator):
         with self.lock:
             customer = self._customer(request.path_params["customer_id"])
             self._remove(customer)
-            return JSONResponse(self._view(customer))
+            return JsonResponse(self._view(customer))
 
     async def list_customers(self, request: Request) -> Response:
         q = request.query_params
@@ -253,7 +253,7 @@ class ShopSimulator(Simulator):
                 found.reverse()
             chunk = [self._view(c) for c in found[(page - 1) * per_page : page * per_page]]
         headers = {"X-WP-Total": str(len(found)), "X-WP-TotalPages": str(math.ceil(len(found) / per_page))}
-        return JSONResponse(chunk, headers=headers)
+        return JsonResponse(chunk, headers=headers)
 
     async def batch(self, request: Request) -> Response:
         body = await self.json_body(request)
@@ -270,7 +270,7 @@ class ShopSimulator(Simulator):
         with self.lock:
             for op, items in groups.items():
                 answer[op] = [self._batch_one(op, item) for item in items]
-        return JSONResponse({op: out for op, out in answer.items() if groups[op]})
+        return JsonResponse({op: out for op, out in answer.items() if groups[op]})
 
     def _batch_one(self, op: str, item: Any) -> dict[str, Any]:
         try:
@@ -284,5 +284,5 @@ class ShopSimulator(Simulator):
             self._remove(customer)
             return self._view(customer)
         except ApiError as exc:
-            error = json.loads(bytes(exc.response.body))
+            error = orjson.loads(exc.response.body)
             return {"id": item.get("id", 0) if isinstance(item, dict) else item, "error": error}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +22,7 @@ from connectors.errors import (
     SyncError,
     TargetDisabledError,
 )
-from connectors.http import error_code, make_client, retry_after_seconds, send
+from connectors.http import error_code, json_of, make_client, retry_after_seconds, send
 
 EMAIL = "jane.doe@example.com"
 
@@ -54,6 +56,29 @@ def test_2xx_returns_the_response(status: int) -> None:
 def test_expected_status_is_returned_not_raised() -> None:
     assert send(answering(410), "POST", "hook", expect={410}).status_code == 410
     assert send(answering(404), "GET", "Users/1", expect=(404,)).status_code == 404
+
+
+def test_json_bodies_go_out_as_json_even_where_the_fast_encoder_refuses_them() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b'{"n": 18446744073709551617, "x": NaN, "name": "J\xc3\xb8rn"}')
+
+    client = mock_client(handler)
+    big = {"points": 2**70, "name": "Jørn"}
+    answer = json_of(send(client, "POST", "Users", json={"a": 1, "name": "Jørn"}))
+    send(client, "POST", "Users", json=big, headers={"Content-Type": "application/scim+json"})
+    assert [json.loads(r.content) for r in seen] == [{"a": 1, "name": "Jørn"}, big]
+    assert [r.headers["Content-Type"] for r in seen] == ["application/json", "application/scim+json"]
+    assert answer["n"] == 2**64 + 1
+    assert answer["name"] == "Jørn"
+    assert math.isnan(answer["x"])
+
+
+def test_a_body_that_is_not_json_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="Expecting value"):
+        json_of(httpx.Response(200, content=b"<html>"))
 
 
 @pytest.mark.parametrize(
