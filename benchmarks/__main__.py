@@ -15,6 +15,7 @@ Sizes come from the environment, so a quick run and a full run use the same code
     BENCH_TARGET_CONCURRENCY (one per worker process serving target queues): deliveries in flight per target
     BENCH_APP_UPDATE_METHOD (unset: PATCH): "put" has the SCIM connector update the app by PUT
     BENCH_APP (sandbox): what serves the SCIM app, the sandbox's SCIM simulator or "scim2-server"
+    BENCH_CRM_LIMIT (250): requests per rolling 10 s the CRM simulator allows (HubSpot: 100, 190 or 250)
 
 Results are merged into ``build/bench/results.json`` (a scenario run alone replaces only its own part), the
 table is printed, and ``latency.png`` / ``throughput.png`` are drawn next to it. Each scenario's processes

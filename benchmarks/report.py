@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from benchmarks.targets import crm_limit
 from benchmarks.world import app_server
 
 OUT = Path("build/bench")
@@ -54,6 +55,7 @@ def environment() -> dict[str, Any]:
             p: ver(p) for p in ("celery", "kombu", "sqlalchemy", "psycopg", "fastapi", "scim2-server")
         },
         "app_target": app_server(),
+        "crm_limit_per_10s": crm_limit(),
         "commit": run("git", "rev-parse", "--short", "HEAD"),
         "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")),
     }

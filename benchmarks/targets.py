@@ -16,6 +16,7 @@ answered]}``; ``POST /_bench/reset`` empties the recorder and resets the simulat
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -33,6 +34,14 @@ from connectors.sandbox.runner import build_simulator
 EMAIL = re.compile(rb"[A-Za-z0-9._+-]+@bench\.example")
 # Writes that only read: a lookup carries e-mails but applies nothing.
 READ_PATHS = ("/batch/read", "/search")
+
+
+def crm_limit() -> int:
+    """Requests the CRM simulator takes in a rolling 10 s (BENCH_CRM_LIMIT). HubSpot allows 100 (Free,
+    Starter), 190 (Professional, Enterprise) or 250 (with the API Limit Increase pack), 100 contacts a
+    batch: at 190 no client at all moves more than 1,900 changes a second into it, short of the drain's goal
+    of 2,000, so the benchmark's CRM is the largest account HubSpot sells."""
+    return int(os.environ.get("BENCH_CRM_LIMIT") or 250)
 
 
 class Recorder:
@@ -129,7 +138,8 @@ class _Recorded:
 
 def main(argv: list[str]) -> int:
     kind = argv[0]
-    server = SandboxServer(_Recorded(build_simulator(kind))).start()  # type: ignore[arg-type]
+    options = {"rate_limit": crm_limit()} if kind == "crm" else {}
+    server = SandboxServer(_Recorded(build_simulator(kind, **options))).start()  # type: ignore[arg-type]
     print(json.dumps({"kind": kind, "url": server.url, "root": server.root}), flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -30,6 +30,7 @@ import httpx
 from sqlalchemy import func, insert, select, text, update
 
 from benchmarks.hub import wait_idle, wait_started
+from benchmarks.targets import crm_limit
 from connectors.sandbox import runner
 from orchestrator import migrations
 from orchestrator.auth import create_token
@@ -160,11 +161,11 @@ def targets_yaml(urls: dict[str, str], batch_size: int, concurrency: int = 1) ->
             f"connector: newsletter\n    url: {urls.get('newsletter')}\n    token_env: BENCH_NEWSLETTER_TOKEN"
             f"\n    options: {{list_id: sandbox01}}\n    scope: '{MARKETING}'"
         ),
-        # The simulator answers 429 past 190 requests in a rolling 10 s, like HubSpot. A token bucket lets a
-        # burst of one second's worth go on top of its rate: 17 + 10 x 17 = 187 in any 10 s stays under.
+        # The simulator answers 429 past crm_limit() requests in a rolling 10 s, like HubSpot. A token bucket
+        # lets a burst of one second's worth go on top of its rate: at 250, 22 + 10 x 22 = 242 stays under.
         "crm": (
             f"connector: crm\n    url: {urls.get('crm')}\n    token_env: BENCH_CRM_TOKEN"
-            "\n    rate_limit: 170/10s"
+            f"\n    rate_limit: {crm_limit() // 11 * 10}/10s"
         ),
     }
     out = "targets:\n"
