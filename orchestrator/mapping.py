@@ -153,8 +153,10 @@ def _ci_get(obj: Any, key: str, lkey: str) -> Any:
         return MISSING
     value = obj.get(key, MISSING)
     if value is MISSING:
+        size = len(lkey)
         for k, v in obj.items():
-            if k.lower() == lkey:
+            # Most lookups that miss miss outright: the length spares lowering every key of the document.
+            if len(k) == size and k.lower() == lkey:
                 value = v
                 break
     return MISSING if value is None else value
@@ -433,8 +435,13 @@ def compile_path(text: str) -> Getter:
     return first_present
 
 
+_LEAVES = frozenset({str, int, float, bool})
+
+
 def _plain(value: Any) -> Any:
     """A copy safe to hand to a connector: no aliasing of the hub's document, datetimes as ISO strings."""
+    if type(value) in _LEAVES:
+        return value
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Mapping):

@@ -20,12 +20,14 @@ ids or personal data, so cardinality stays bounded and PII stays home.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -140,8 +142,25 @@ def observe_delivery(report: Any, seconds: float, *, now: datetime | None = None
         if getattr(report, reason, False):
             DEFERRED.labels(target, reason).inc()
     now = now or utcnow()
-    for at in report.committed.values():
-        SYNC_LAG.labels(target).observe(max(0.0, (now - _aware(at, now)).total_seconds()))
+    lags = [max(0.0, (now - _aware(at, now)).total_seconds()) for at in report.committed.values()]
+    if lags:
+        observe_all(SYNC_LAG.labels(target), lags)
+
+
+def observe_all(child: Histogram, amounts: Sequence[float]) -> None:
+    """``child.observe`` of every amount, written as one increment per bucket touched. In a worker's process
+    each increment is a write to a memory-mapped file, and the sync lag is observed for every record
+    delivered: one at a time that was 4 % of a delivery worker's CPU."""
+    upper = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if upper is None or buckets is None or total is None:  # a prometheus-client laid out otherwise
+        for amount in amounts:
+            child.observe(amount)
+        return
+    for index, count in collections.Counter(bisect.bisect_left(upper, a) for a in amounts).items():
+        buckets[index].inc(count)
+    total.inc(sum(amounts))
 
 
 def _aware(value: datetime, like: datetime) -> datetime:

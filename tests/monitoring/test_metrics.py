@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 from sqlalchemy import Engine, create_engine, insert
 
 from orchestrator import logs, metrics, migrations
@@ -249,6 +249,20 @@ def test_metric_labels_are_names_outcomes_and_routes_only() -> None:
                 assert set(sample.labels) <= LABELS, (family.name, sample.labels)
 
 
+def test_observing_many_at_once_is_observing_each() -> None:
+    amounts = [0.0, 0.05, 0.1, 0.1000001, 2.5, 2.5, 7.0, 1e9, -1.0]
+    exposed = []
+    for observe in (lambda h: [h.observe(a) for a in amounts], lambda h: metrics.observe_all(h, amounts)):
+        registry = CollectorRegistry()
+        histogram = Histogram("lag_seconds", "lag", ["target"], registry=registry, buckets=(0.1, 1, 2.5, 5))
+        observe(histogram.labels("t"))
+        lines = generate_latest(registry).decode().splitlines()
+        exposed.append("\n".join(line for line in lines if "_created" not in line))
+    assert exposed[0] == exposed[1]
+    assert 'lag_seconds_bucket{le="0.1",target="t"} 4.0' in exposed[1]
+    assert 'lag_seconds_count{target="t"} 9.0' in exposed[1]
+
+
 def test_multiprocess_mode_serves_the_children_merged(tmp_path: Path) -> None:
     """What a prefork worker does: children write to the directory, the parent serves the sum on a port."""
     script = textwrap.dedent(
@@ -259,6 +273,7 @@ def test_multiprocess_mode_serves_the_children_merged(tmp_path: Path) -> None:
         def child() -> None:
             metrics.DELIVERIES.labels("mp", "done").inc(2)
             metrics.TASKS.labels("idhub.deliver", "ok").inc()
+            metrics.observe_all(metrics.SYNC_LAG.labels("mp"), [0.2, 3.0])
 
         metrics.reset_multiprocess_dir()
         ctx = multiprocessing.get_context("fork")
@@ -281,6 +296,8 @@ def test_multiprocess_mode_serves_the_children_merged(tmp_path: Path) -> None:
     ).stdout
     assert 'idhub_deliveries_total{outcome="done",target="mp"} 4.0' in out
     assert 'idhub_tasks_total{outcome="ok",task="idhub.deliver"} 2.0' in out
+    assert 'idhub_sync_lag_seconds_count{target="mp"} 4.0' in out
+    assert 'idhub_sync_lag_seconds_sum{target="mp"} 6.4' in out
     assert not (folder / "counter_999999.db").exists()
 
 
