@@ -35,8 +35,7 @@ from connectors.sandbox import runner
 from orchestrator import migrations
 from orchestrator.auth import create_token
 from orchestrator.db import identities, make_engine, now, outbox
-from orchestrator.guard import HELD
-from orchestrator.ledger import DONE, Status, sync_ledger
+from orchestrator.ledger import DONE, HELD, Status, sync_ledger
 from orchestrator.scim.schemas import CUSTOMER_SCHEMA, CustomerUser
 from tests.chaos.servers import announcement, descendants, redis_server_argv, wait_redis
 from tests.conftest import create_pg_database, drop_pg_database

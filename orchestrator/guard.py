@@ -46,13 +46,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from orchestrator.db import BigId, identities, is_postgres, metadata
-from orchestrator.ledger import Status, sync_ledger
+from orchestrator.ledger import HELD, Status, sync_ledger
 from orchestrator.settings import SettingsError
 from orchestrator.targets import Duration
 
 log = logging.getLogger(__name__)
 
-HELD: Final = "held"  # a sync_ledger status: a deprovision waiting for an operator's approval
 DEPROVISIONS: Final = ("deactivate", "delete", "anonymize", "erase")
 # Accounts a deprovision can still take something from.
 _PROVISIONED: Final = ("upsert", "deactivate", "anonymize")

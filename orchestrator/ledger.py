@@ -7,6 +7,7 @@ but for ``inflight_key`` while a push's outcome is unknown.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Final
 
 from sqlalchemy import (
     BigInteger,
@@ -32,6 +33,10 @@ class Status(StrEnum):
     OUT_OF_SCOPE = "out_of_scope"  # the target should not hold this identity and does not
     DEPROVISIONED = "deprovisioned"  # deactivated, anonymized, deleted or erased at the target
 
+
+# A status outside Status, the mass-deprovision guard's (orchestrator.guard): a deprovision waiting for an
+# operator's approval.
+HELD: Final = "held"
 
 # Statuses after which a row needs nothing more for the version it records.
 DONE = (Status.SYNCED, Status.OUT_OF_SCOPE, Status.DEPROVISIONED)

@@ -44,8 +44,7 @@ from sqlalchemy.engine import Engine
 
 from orchestrator.db import now as utcnow
 from orchestrator.db import outbox
-from orchestrator.guard import HELD
-from orchestrator.ledger import Status, outbox_inflight, sync_ledger, target_state
+from orchestrator.ledger import HELD, Status, outbox_inflight, sync_ledger, target_state
 
 log = logging.getLogger(__name__)
 access_log = structlog.stdlib.get_logger("idhub.http")

@@ -64,9 +64,10 @@ from orchestrator.db import (
     unwrapped,
 )
 from orchestrator.db import now as utcnow
-from orchestrator.guard import HELD, Candidate, hold_mass_deprovisions
+from orchestrator.guard import Candidate, hold_mass_deprovisions
 from orchestrator.ledger import (
     DONE,
+    HELD,
     Status,
     dead_letters,
     erasure_receipts,

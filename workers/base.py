@@ -28,11 +28,10 @@ from orchestrator.db import engine_for
 from orchestrator.relay import Publish
 from orchestrator.targets import TargetConfig, connector_settings, load_targets
 from workers import telemetry  # noqa: F401 - connects the logging and metrics signals
-from workers.app import FANOUT_QUEUE, WorkerSettings, queue_for
+from workers.app import WorkerSettings, queue_for
+from workers.relay import publisher
 
 log = structlog.get_logger("idhub.workers")
-# Outbox events per fan-out task: a relay batch (500) in one task, so its ledger writes are few statements.
-FANOUT_BATCH = 500
 
 
 class _Process:
@@ -184,18 +183,6 @@ class IdhubTask(Task):  # type: ignore[misc]
 
     def publisher(self) -> Publish:
         return publisher(self.app)
-
-
-def publisher(app: Any) -> Publish:
-    """A relay ``publish`` callable: one ``idhub.fanout`` task per batch of outbox sequence numbers."""
-
-    def publish(seqs: Sequence[int]) -> None:
-        for start in range(0, len(seqs), FANOUT_BATCH):
-            app.send_task("idhub.fanout", args=[list(seqs[start : start + FANOUT_BATCH])], queue=FANOUT_QUEUE)
-        metrics.PUBLISHED.inc(len(seqs))
-        log.debug("published", events=len(seqs), first_seq=seqs[0] if seqs else None)
-
-    return publish
 
 
 def log_context(

@@ -31,7 +31,7 @@ from tests.pipeline.recording import RecordingTarget
 from tests.services import REDIS_URL
 from tests.store import write_user
 from workers.app import make_app
-from workers.base import publisher
+from workers.relay import publisher
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from orchestrator import cli
@@ -22,3 +25,24 @@ def test_idhub_worker_leaves_events_to_the_setting(monkeypatch: pytest.MonkeyPat
     args = cli.build_parser().parse_args(["worker", "--queues", "fanout"])
     assert args.func(args) == 0
     assert ran == [("worker", "--loglevel", "INFO", "-Q", "fanout")]
+
+
+def test_the_relay_starts_without_the_other_commands_modules() -> None:
+    # A relay started on a backlog is on its critical path: it must not load the SCIM models, the targets
+    # or the connectors, which the admin and privacy commands' parsers would bring in.
+    script = (
+        "import sys\n"
+        "from orchestrator import cli\n"
+        "try:\n"
+        "    cli.main(['relay', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "import workers.relay\n"
+        "print(sorted(m for m in ('scim2_models', 'orchestrator.targets', 'connectors.base',"
+        " 'orchestrator.admin', 'orchestrator.sync') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "--once" in out
+    assert out.strip().endswith("[]")
