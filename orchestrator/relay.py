@@ -52,6 +52,11 @@ def relay_once(
         if is_postgres(conn):
             # Several relays may run: each claims a disjoint batch instead of waiting on the others' locks.
             query = query.with_for_update(skip_locked=True)
+            # The batch's first rows straight from the index of unpublished events, not every unpublished
+            # event read and sorted: PostgreSQL chose that whenever its statistics (none yet, or made when
+            # little was unpublished) put the backlog at a few rows. A claim in a 50,000-event backlog took
+            # 10 ms of its CPU, 1 through the index.
+            conn.exec_driver_sql("SET LOCAL enable_sort = off")
         seqs = list(conn.scalars(query))
         if not seqs:
             return 0

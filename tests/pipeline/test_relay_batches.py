@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, event, insert, select, update
 
 from orchestrator.db import now, outbox
-from orchestrator.relay import drain, run_forever
+from orchestrator.relay import drain, relay_once, run_forever
 from tests.pipeline.conftest import put_user, wait_for
 
 
@@ -69,3 +71,42 @@ def test_the_sweepers_drain_leaves_fresh_commits_to_the_relay(clean: Engine) -> 
     assert published == [ids[old]]
     assert drain(clean, published.extend) == 1  # the relay's own drain takes the rest
     assert published == [ids[old], ids[fresh]]
+
+
+def test_a_relay_claims_a_backlog_through_the_index_without_statistics(clean: Engine) -> None:
+    # Without statistics PostgreSQL put the unpublished events at a few rows and read and sorted all of them
+    # for every batch: a backlog cost in proportion to its size squared.
+    stamp = now()
+    rows = [
+        {
+            "event_id": str(uuid.uuid4()),
+            "resource_type": "User",
+            "resource_id": str(uuid.uuid4()),
+            "version": 1,
+            "kind": "created",
+            "changed": ["userName"],
+            "created_at": stamp,
+        }
+        for _ in range(5000)
+    ]
+    with clean.begin() as conn:
+        conn.execute(insert(outbox), rows)
+    sent: list[tuple[str, Any]] = []
+
+    def spy(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if statement.startswith("SELECT outbox.seq") or statement.startswith("SET LOCAL"):
+            sent.append((statement, params))
+
+    event.listen(clean, "before_cursor_execute", spy)
+    try:
+        assert relay_once(clean, lambda seqs: None, batch=500) == 500
+    finally:
+        event.remove(clean, "before_cursor_execute", spy)
+    with clean.begin() as conn:
+        for statement, params in sent:  # as the relay sent them, in one transaction
+            if statement.startswith("SET"):
+                conn.exec_driver_sql(statement, params)
+            else:
+                plan = "\n".join(conn.exec_driver_sql(f"EXPLAIN {statement}", params).scalars())
+    assert "ix_outbox_unpublished" in plan
+    assert "Sort" not in plan
