@@ -323,7 +323,14 @@ class _Job:
 _mappers: dict[int, tuple[Any, Callable[[Mapping[str, Any]], dict[str, Any]]]] = {}
 
 
-def _mapper(cfg: TargetConfig, connector: Connector) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+def compile_target(cfg: TargetConfig, connector: Connector | type[Connector]) -> None:
+    """Compile what deliveries to ``cfg`` compile once, ahead of the first (a worker, before it forks)."""
+    _mapper(cfg, connector)
+
+
+def _mapper(
+    cfg: TargetConfig, connector: Connector | type[Connector]
+) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """The compiled mapping of a target (its own, else its connector's default), once per configuration."""
     cached = _mappers.get(id(cfg))
     if cached is None or cached[0] is not cfg:
