@@ -83,11 +83,6 @@ class Rate:
     def per_second(self) -> float:
         return self.count / self.period
 
-    @property
-    def burst(self) -> float:
-        """How many may go at once after a quiet spell: one second's worth, and at least one."""
-        return max(1.0, self.per_second)
-
     @classmethod
     def parse(cls, value: object) -> Rate:
         """``50/s``, ``600/min``, ``1000/h``, ``100/10s``; ValueError otherwise."""

@@ -1,6 +1,7 @@
 """Per-target rate limits and concurrency caps, global across every worker process (Redis, atomic Lua).
 
-- ``RateLimiter``: a token bucket per target. ``acquire`` takes ``n`` tokens or says how long to wait.
+- ``RateLimiter``: at most ``count`` requests per target in any rolling ``period``. ``acquire`` lets ``n``
+  through or says how long to wait.
 - ``ConcurrencySlots``: at most ``limit`` holders per target; a holder's slot expires after its TTL, so a
   killed worker cannot leak one.
 
@@ -23,41 +24,39 @@ from orchestrator.renewals import renewals
 
 class RateLike(Protocol):
     @property
-    def per_second(self) -> float: ...
+    def count(self) -> float: ...
 
     @property
-    def burst(self) -> float: ...
+    def period(self) -> float: ...
 
 
-# Tokens refill continuously at ``rate`` per second up to ``burst``. A request for more than the burst (a
-# big batch) waits for a full bucket, then goes and leaves a debt, so the long-run rate still holds.
-_BUCKET = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
+# The requests of the last ``period`` are members of a sorted set scored by when they were let through (ms,
+# Redis clock): a request goes while fewer than ``count`` went in that window. That is how targets state and
+# count their limits (HubSpot: 190 in any rolling 10 s), so a target's figure holds at its full rate. (A
+# token bucket lets a burst go on top of its rate, which had to come off the figure: the CRM's 190 became
+# 170.) A request of more than ``count`` goes once the window is empty, and its entries beyond ``count`` are
+# dated ahead, a window's share each: the debt keeps the long-run rate.
+_WINDOW = """
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then
-  tokens = burst
-  ts = now
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local used = redis.call('ZCARD', KEYS[1])
+local need = math.min(n, limit)
+if used + need > limit then
+  local k = used + need - limit - 1
+  local leaving = redis.call('ZRANGE', KEYS[1], k, k, 'WITHSCORES')
+  return string.format('%.6f', (tonumber(leaving[2]) + window - now) / 1000)
 end
-if now > ts then
-  tokens = math.min(burst, tokens + (now - ts) * rate)
-  ts = now
+local last = now
+for i = 1, n do
+  last = now + math.max(0, i - limit) * window / limit
+  redis.call('ZADD', KEYS[1], string.format('%.3f', last), ARGV[4] .. ':' .. i)
 end
-local need = math.min(n, burst)
-local wait = 0
-if tokens >= need then
-  tokens = tokens - n
-else
-  wait = (need - tokens) / rate
-end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'ts', string.format('%.6f', ts))
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - math.min(tokens, 0)) / rate * 1000) + 1000)
-return string.format('%.6f', wait)
+redis.call('PEXPIRE', KEYS[1], math.ceil(last - now + window) + 1000)
+return '0'
 """
 
 # Holders are members of a sorted set scored by their expiry (ms, Redis clock); expired ones are dropped
@@ -101,31 +100,28 @@ return redis.call('ZCARD', KEYS[1])
 
 
 class RateLimiter:
-    """A token bucket per target in Redis, shared by every process that uses the same key prefix."""
+    """A rolling-window limit per target in Redis, shared by every process that uses the same key prefix."""
 
     def __init__(self, client: redis.Redis, key_prefix: str = "idhub:rate") -> None:
         self._redis = client
         self._prefix = key_prefix
-        self._script = client.register_script(_BUCKET)
+        self._script = client.register_script(_WINDOW)
 
-    def acquire(self, target: str, rate: RateLike | float, n: int = 1, burst: float | None = None) -> float:
-        """Take ``n`` tokens and return 0, or take nothing and return the seconds to wait before trying again.
+    def acquire(self, target: str, rate: RateLike | float, n: int = 1) -> float:
+        """Let ``n`` requests through and return 0, or none and return how many seconds to wait.
 
-        ``rate`` is a ``Rate`` (its ``per_second`` and ``burst``) or tokens per second (burst: one second's
-        worth, at least one); ``burst`` overrides either.
+        ``rate`` is a ``Rate`` (``count`` per ``period`` seconds) or requests per second.
         """
-        if isinstance(rate, int | float):
-            per_second, default_burst = float(rate), max(1.0, float(rate))
-        else:
-            per_second, default_burst = rate.per_second, rate.burst
-        if per_second <= 0 or n < 1:
-            raise ValueError("rate must be positive and n at least 1")
-        size = default_burst if burst is None else burst
-        wait = self._script(keys=[f"{self._prefix}:{target}"], args=[per_second, size, n])
-        return float(wait)
+        count, period = (float(rate), 1.0) if isinstance(rate, int | float) else (rate.count, rate.period)
+        if 0 < count < 1:  # 0.5/s is one request in any 2 s
+            count, period = 1.0, period / count
+        if count <= 0 or period <= 0 or n < 1:
+            raise ValueError("a rate must be positive, and n at least 1")
+        args: list[str | int | float] = [int(count), period * 1000, n, uuid.uuid4().hex]
+        return float(self._script(keys=[f"{self._prefix}:{target}"], args=args))
 
     def wait(self, target: str, rate: RateLike | float, n: int = 1, *, timeout: float | None = None) -> bool:
-        """Block until ``n`` tokens are taken (True), or until ``timeout`` seconds have passed (False)."""
+        """Block until ``n`` requests are let through (True), or until ``timeout`` seconds passed (False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             delay = self.acquire(target, rate, n)
@@ -142,9 +138,9 @@ def admit(
     """The ids a delivery may push now under the target's rate limit, and 0; or none and the seconds to wait.
 
     A target limits requests (HubSpot: 190 per 10 s), and one request carries up to ``per_call`` records where
-    the target takes batches: a token per request, and at most a burst's worth of requests at once.
+    the target takes batches: the limit counts requests, and a delivery takes no more than it allows at once.
     """
-    batch = list(ids[: max(1, int(rate.burst)) * per_call])
+    batch = list(ids[: max(1, int(rate.count)) * per_call])
     wait = limiter.acquire(target, rate, -(-len(batch) // per_call))
     return (batch, 0.0) if wait <= 0 else ([], wait)
 
