@@ -22,26 +22,25 @@ _KEY = "ALTER TABLE sync_ledger ADD CONSTRAINT sync_ledger_pkey PRIMARY KEY"
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE sync_ledger DROP CONSTRAINT sync_ledger_pkey")
-        op.execute(
-            "ALTER TABLE sync_ledger ADD CONSTRAINT sync_ledger_pkey PRIMARY KEY (identity_id, target)"
-        )
-        op.execute("DROP INDEX ix_sync_ledger_identity")
-        return
-    with op.batch_alter_table("sync_ledger", recreate="always") as batch_op:
-        batch_op.drop_index("ix_sync_ledger_identity")
-        batch_op.create_primary_key("sync_ledger_pkey", ["identity_id", "target"])
+    _rekey(("identity_id", "target"), identity_index=False)
 
 
 def downgrade() -> None:
+    _rekey(("target", "identity_id"), identity_index=True)
+
+
+def _rekey(columns: tuple[str, str], *, identity_index: bool) -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("ALTER TABLE sync_ledger DROP CONSTRAINT sync_ledger_pkey")
-        op.execute(
-            "ALTER TABLE sync_ledger ADD CONSTRAINT sync_ledger_pkey PRIMARY KEY (target, identity_id)"
-        )
-        op.execute("CREATE INDEX ix_sync_ledger_identity ON sync_ledger (identity_id)")
+        op.execute(f"{_KEY} ({', '.join(columns)})")
+        if identity_index:
+            op.execute("CREATE INDEX ix_sync_ledger_identity ON sync_ledger (identity_id)")
+        else:
+            op.execute("DROP INDEX ix_sync_ledger_identity")
         return
     with op.batch_alter_table("sync_ledger", recreate="always") as batch_op:
-        batch_op.create_primary_key("sync_ledger_pkey", ["target", "identity_id"])
-        batch_op.create_index("ix_sync_ledger_identity", ["identity_id"])
+        if identity_index:
+            batch_op.create_index("ix_sync_ledger_identity", ["identity_id"])
+        else:
+            batch_op.drop_index("ix_sync_ledger_identity")
+        batch_op.create_primary_key("sync_ledger_pkey", list(columns))
