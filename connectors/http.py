@@ -89,7 +89,10 @@ def send(
     """Perform a request; return the response on 2xx or a status in ``expect``, else raise a SyncError."""
     if "json" in kwargs:
         kwargs["content"] = encode(kwargs.pop("json"))
-        kwargs["headers"] = {"Content-Type": "application/json", **(kwargs.get("headers") or {})}
+        headers = dict(kwargs.get("headers") or {})
+        if not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = "application/json"
+        kwargs["headers"] = headers
     try:
         response = client.request(method, url, **kwargs)
     except httpx.TimeoutException as exc:

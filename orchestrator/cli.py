@@ -272,14 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         logs.configure_from_settings()
         return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
     except settings.SettingsError as exc:
         print(exc.line, file=sys.stderr)
     except _one_line_errors() as exc:
         print(f"idhub: {exc}", file=sys.stderr)
     except _config_errors() as exc:
         print(str(exc), file=sys.stderr)
-    except KeyboardInterrupt:
-        return 130
     return 2
 
 

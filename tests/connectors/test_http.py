@@ -68,7 +68,7 @@ def test_json_bodies_go_out_as_json_even_where_the_fast_encoder_refuses_them() -
     client = mock_client(handler)
     big = {"points": 2**70, "name": "Jørn"}
     answer = json_of(send(client, "POST", "Users", json={"a": 1, "name": "Jørn"}))
-    send(client, "POST", "Users", json=big, headers={"Content-Type": "application/scim+json"})
+    send(client, "POST", "Users", json=big, headers={"content-type": "application/scim+json"})
     assert [json.loads(r.content) for r in seen] == [{"a": 1, "name": "Jørn"}, big]
     assert [r.headers["Content-Type"] for r in seen] == ["application/json", "application/scim+json"]
     assert answer["n"] == 2**64 + 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from orchestrator import cli
+from orchestrator import cli, settings, sync
+from workers import base
 from workers.app import WorkerSettings, make_app
 
 
@@ -46,3 +48,25 @@ def test_the_relay_starts_without_the_other_commands_modules() -> None:
     ).stdout
     assert "--once" in out
     assert out.strip().endswith("[]")
+
+
+def test_a_worker_prepares_its_targets_before_the_pool_forks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What each forked child would otherwise do in its first delivery: the targets read, the mappings
+    # compiled (a filtered path builds SCIM model classes), once in the parent the children inherit.
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(
+        "targets:\n  - name: shop\n    connector: shop\n    url: http://127.0.0.1:9\n"
+        "    mapping: {email: 'emails[type eq \"work\"].value'}\n"
+    )
+    monkeypatch.setenv("IDHUB_TARGETS_FILE", str(targets))
+    monkeypatch.setattr(base, "_process", base._Process())
+    settings.get.cache_clear()
+    try:
+        base._prepare()  # connected to worker_init, which a worker sends before its pool forks
+        cfg = base._process.targets["shop"] if base._process.targets else None
+        assert cfg is not None
+        assert sync._mappers[id(cfg)][0] is cfg
+    finally:
+        settings.get.cache_clear()
