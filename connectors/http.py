@@ -18,7 +18,6 @@ from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import httpcore  # noqa: F401 - with this module, not by the first client of each forked worker (0.1 s)
 import httpx
 import orjson
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, ClassVar
 
+import httpx
 import redis
 import structlog
 from celery import Task, signals
@@ -61,7 +62,8 @@ def _targets() -> Mapping[str, TargetConfig]:
 def _prepare(**_: Any) -> None:
     """Before the pool forks, what each child would otherwise do on its first delivery: the targets read,
     their connectors' modules imported, their mappings compiled (a filtered path builds SCIM model classes:
-    about 70 ms a target), the TLS context made. At four targets, 0.5 s of CPU a child.
+    about 70 ms a target), the TLS context made and httpx's transport loaded. At four targets, 0.5 s of CPU a
+    child.
     A targets file that cannot be read is left for the first task to report, as before."""
     try:
         for cfg in _targets().values():
@@ -69,7 +71,8 @@ def _prepare(**_: Any) -> None:
     except Exception as exc:  # reported by the first task that needs the targets
         log.warning("worker_prepare_failed", error=type(exc).__name__)
         _process.targets = None
-    tls_context()
+    # httpx loads its transport's modules with the first client: here, not in each child's first delivery.
+    httpx.HTTPTransport(verify=tls_context()).close()
 
 
 class IdhubTask(Task):  # type: ignore[misc]
