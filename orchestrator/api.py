@@ -51,6 +51,7 @@ from scim2_models import (
     Sort,
     UnauthorizedException,
     User,
+    default_comparison_key,
 )
 from scim2_models import BaseModel as ScimBaseModel
 from scim2_models import Context as ScimContext
@@ -72,6 +73,7 @@ from orchestrator import logs, metrics, migrations, openapi
 from orchestrator.auth import Principal, TokenVerifier
 from orchestrator.db import engine_for
 from orchestrator.openapi import BULK_REQUEST, BULK_RESPONSE, LIST_RESPONSE
+from orchestrator.scim import plain
 from orchestrator.scim import storage as scim_storage
 from orchestrator.scim.extensions import user_extensions, user_model
 from orchestrator.settings import Settings
@@ -138,6 +140,9 @@ class HubService(ScimService):
         self.generics = [g[every] for g in per_request] + [g[m] for m in models for g in per_model]
         self.bulk_request: Any = self.generics[1]
         self.resource_models = frozenset(models)
+        # Plain requests are read as scim2-models reads them under the default comparison key, which refuses
+        # no string; under another it may refuse some (``_check_comparison_forms``).
+        self.plain = provider.policy.comparison_key is default_comparison_key
         self._pages: dict[tuple[Any, ...], SearchRequest[Any]] = {}
 
     @staticmethod
@@ -538,10 +543,67 @@ class _PlainBulkPlan(BulkPlan):
 
 
 class HubHandler(ScimHandler):
-    """scim2-server's handler, answering searches from the rows as stored (``HubService.found_response``)."""
+    """scim2-server's handler, answering searches from the rows as stored (``HubService.found_response``)
+    and serving plain creations and PATCHes of Users from their documents (``plain``)."""
 
     service: HubService
     storage: scim_storage.SqlStorage
+
+    def create(self, request: ScimRequest) -> ScimResponse:
+        return self._plain(request, Operation.create) or super().create(request)
+
+    def patch(self, request: ScimRequest) -> ScimResponse:
+        return self._plain(request, Operation.patch) or super().patch(request)
+
+    def _plain(self, request: ScimRequest, operation: Operation) -> ScimResponse | None:
+        """A User's creation or PATCH whose body ``plain`` reads, without response parameters or
+        preconditions, served from the document it stores; None for any other (scim2-server serves it)."""
+        if not self.service.plain or request.query:
+            return None
+        if request.header("If-Match") or request.header("If-None-Match"):
+            return None
+        with self.service.provider:
+            target = self.service.route(request, operation)
+            if target.me:
+                return None
+            resource_type = self.service.resource_type_at(str(target.endpoint))
+            if resource_type.name != "User":
+                return None
+            # The checks ScimHandler makes before it reads the body, in its order.
+            self.service.authorize(request, target, resource_type)
+            self.service.ensure_json(request.header("Content-Type"))
+            model = self.storage.model(resource_type)
+            if operation is Operation.create:
+                doc = plain.creation(model, request.body)
+                if doc is None:
+                    return None
+                with self.storage.operation():
+                    row = self.storage.create_user(resource_type, doc)
+                response = self._stored_response(request.base_url, resource_type, row, HTTPStatus.CREATED)
+                response.headers["Location"] = response.headers["Content-Location"]
+                return response
+            values = plain.patch_values(model, request.body)
+            if values is None or target.resource_id is None:
+                return None
+            with self.storage.operation():
+                row = self.storage.set_values(resource_type, target.resource_id, values)
+            return self._stored_response(request.base_url, resource_type, row, HTTPStatus.OK)
+
+    def _stored_response(
+        self, base_url: str, resource_type: ResourceType, row: Any, status: HTTPStatus
+    ) -> ScimResponse:
+        """``resource_response`` for a row as stored, from its document where it goes out as it is."""
+        body = self.service.stored_body(base_url, resource_type, row, None)
+        if body is None:
+            published = self.service.publish(base_url, self.storage.build(resource_type, row))
+            return self.service.resource_response(
+                published, ScimContext.RESOURCE_QUERY_RESPONSE, status=status
+            )
+        meta = body["meta"]
+        headers = {"Content-Location": meta["location"]}
+        if "version" in meta:
+            headers["ETag"] = meta["version"]
+        return ScimResponse(status, body, headers)
 
     def search(self, request: ScimRequest) -> ScimResponse:
         return self._search(

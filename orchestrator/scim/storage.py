@@ -293,6 +293,27 @@ def _insert_new(conn: Connection, table: Table, values: Mapping[str, Any]) -> bo
     return conn.execute(_insert_new_statement(conn.dialect.name, table), dict(values)).first() is not None
 
 
+@dataclass(frozen=True)
+class _Row:
+    """A stored row's fields that a response reads, as this request wrote them."""
+
+    id: str
+    doc: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+
+def _merged(stored: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``stored`` with ``values`` merged in: dictionaries key by key, anything else replaced; copied only
+    along the paths ``values`` writes, as nothing here mutates the rest."""
+    out = dict(stored)
+    for key, value in values.items():
+        held = out.get(key)
+        out[key] = _merged(held, value) if isinstance(value, dict) and isinstance(held, dict) else value
+    return out
+
+
 def _utc(stamp: datetime) -> datetime:
     # SQLite hands back naive datetimes; every stamp is written in UTC.
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
@@ -678,29 +699,38 @@ class SqlStorage(ScimStorage):
         batch = _unit().batch
         if is_user and batch is not None and not batch.clashed:
             return self._create_later(batch, resource_type, resource)
-        conn = _conn()
-        table = self._table(resource_type)
         doc = self._doc_of(resource)
+        if is_user:
+            row = self.create_user(resource_type, doc)
+            return self._stamped(resource, resource_type, row.id, row.created_at, row.updated_at, 1, doc)
+        conn = _conn()
         resource_id = str(uuid.uuid4())
         stamp = now()
-        if is_user:
-            columns = user_columns(doc)
-        else:
-            columns = group_columns(doc)
-            member_pairs = self._check_members(
-                conn, [m.model_dump() for m in (getattr(resource, "members", None) or [])]
-            )
+        member_pairs = self._check_members(
+            conn, [m.model_dump() for m in (getattr(resource, "members", None) or [])]
+        )
         values = {"id": resource_id, "version": 1, "doc": doc, "created_at": stamp, "updated_at": stamp}
         changed = changed_paths({}, doc)
-        if not is_user and member_pairs:
+        if member_pairs:
             changed.add("members")
         created = event_row(str(resource_type.name), resource_id, 1, Kind.CREATED, changed, stamp)
-        if not _write_with_event(conn, table, {**values, **columns}, created):
+        _write_with_event(conn, groups, {**values, **group_columns(doc)}, created)
+        self._write_members(conn, resource_id, member_pairs)
+        return self._stored_copy(conn, resource_type, resource_id)
+
+    def create_user(self, resource_type: ResourceType, doc: dict[str, Any]) -> Any:
+        """Store a new User's document (``_doc_of`` or ``plain.creation``) and its event; the row written."""
+        self._check_values(doc)
+        conn = _conn()
+        resource_id = str(uuid.uuid4())
+        stamp = now()
+        values = {"id": resource_id, "version": 1, "doc": doc, "created_at": stamp, "updated_at": stamp}
+        created = event_row(
+            str(resource_type.name), resource_id, 1, Kind.CREATED, changed_paths({}, doc), stamp
+        )
+        if not _write_with_event(conn, identities, {**values, **user_columns(doc)}, created):
             raise UniquenessException(detail="userName is already taken")
-        if not is_user:
-            self._write_members(conn, resource_id, member_pairs)
-            return self._stored_copy(conn, resource_type, resource_id)
-        return self._stamped(resource, resource_type, resource_id, stamp, stamp, 1, doc)
+        return _Row(resource_id, doc, stamp, stamp, 1)
 
     def _create_later(
         self, batch: _Batch, resource_type: ResourceType, resource: Resource[Any]
@@ -782,32 +812,78 @@ class SqlStorage(ScimStorage):
         if expected is not None and expected != row.version:
             raise PreconditionFailedException(detail="the resource changed since that version")
         doc = self._doc_of(resource)
-        changed = changed_paths(row.doc, doc)
-        is_user = self._is_user(resource_type)
-        kind = Kind.UPDATED
-        if is_user:
-            columns = user_columns(doc)
-            if columns["user_name_ci"] != row.user_name_ci:
-                self._check_unique_user(conn, columns, row.id)
-            if row.active and not columns["active"]:
-                kind = Kind.DEACTIVATED
-            elif not row.active and columns["active"]:
-                kind = Kind.REACTIVATED
-        else:
-            columns = group_columns(doc)
-            new_pairs = self._check_members(
-                conn, [m.model_dump() for m in (getattr(resource, "members", None) or [])]
+        if self._is_user(resource_type):
+            stored = self._rewrite_user(conn, resource_type, row, doc)
+            if stored is row:
+                # Nothing changed: keep the version and the ETag, and send no event.
+                return self.build(resource_type, row)
+            return self._stamped(
+                resource, resource_type, row.id, row.created_at, stored.updated_at, stored.version, doc
             )
-            old_pairs = {
-                (m["value"], m["type"], m.get("display")) for m in self._members(conn, [row.id])[row.id]
-            }
-            if set(new_pairs) != old_pairs:
-                self._write_members(conn, row.id, new_pairs)
-                changed.add("members")
-                kind = Kind.MEMBERS_CHANGED
+        changed = changed_paths(row.doc, doc)
+        kind = Kind.UPDATED
+        new_pairs = self._check_members(
+            conn, [m.model_dump() for m in (getattr(resource, "members", None) or [])]
+        )
+        old_pairs = {(m["value"], m["type"], m.get("display")) for m in self._members(conn, [row.id])[row.id]}
+        if set(new_pairs) != old_pairs:
+            self._write_members(conn, row.id, new_pairs)
+            changed.add("members")
+            kind = Kind.MEMBERS_CHANGED
         if not changed:
-            # Nothing changed: keep the version and the ETag, and send no event.
-            return self.build(resource_type, row, None if is_user else self._members(conn, [row.id])[row.id])
+            return self.build(resource_type, row, self._members(conn, [row.id])[row.id])
+        self._write_update(conn, resource_type, table, row, doc, group_columns(doc), changed, kind)
+        return self._stored_copy(conn, resource_type, row.id)
+
+    def set_values(self, resource_type: ResourceType, resource_id: str, values: Mapping[str, Any]) -> Any:
+        """Set attributes of a stored User, given as a fragment of its document (``patching.plain_patch``),
+        and return the row as stored afterwards (``id``, ``doc``, stamps and ``version``).
+
+        A fragment's dictionaries merge into the ones stored under the same keys; any other value replaces
+        what is stored. The rest is what ``update`` does with a document.
+        """
+        conn = _conn()
+        self._check_values(values)
+        row = self._row(conn, identities, resource_id)
+        doc = _merged(row.doc, values)
+        # An extension's attributes come with its schema URN, in the order scim2-models dumps them.
+        schemas = list(doc.get("schemas") or ())
+        if any(key.startswith("urn:") and key not in schemas for key in values):
+            extensions = self.model(resource_type).get_extension_models()
+            doc["schemas"] = [s for s in schemas if s not in extensions] + [u for u in extensions if u in doc]
+        return self._rewrite_user(conn, resource_type, row, doc)
+
+    def _rewrite_user(
+        self, conn: Connection, resource_type: ResourceType, row: Any, doc: dict[str, Any]
+    ) -> Any:
+        """Store ``doc`` as the new document of the User ``row`` with its event; ``row`` itself when that
+        changes nothing, else the row as written."""
+        changed = changed_paths(row.doc, doc)
+        if not changed:
+            return row
+        columns = user_columns(doc)
+        if columns["user_name_ci"] != row.user_name_ci:
+            self._check_unique_user(conn, columns, row.id)
+        kind = Kind.UPDATED
+        if row.active and not columns["active"]:
+            kind = Kind.DEACTIVATED
+        elif not row.active and columns["active"]:
+            kind = Kind.REACTIVATED
+        version, stamp = self._write_update(conn, resource_type, identities, row, doc, columns, changed, kind)
+        return _Row(row.id, doc, row.created_at, stamp, version)
+
+    def _write_update(
+        self,
+        conn: Connection,
+        resource_type: ResourceType,
+        table: Table,
+        row: Any,
+        doc: dict[str, Any],
+        columns: dict[str, Any],
+        changed: set[str],
+        kind: Kind,
+    ) -> tuple[int, datetime]:
+        """Write ``doc`` over ``row`` (the version read) and its event; the new version and its stamp."""
         version = row.version + 1
         stamp = now()
         updated = event_row(str(resource_type.name), row.id, version, kind, changed, stamp)
@@ -821,9 +897,7 @@ class SqlStorage(ScimStorage):
         if not applied:
             raise StaleRow
         _unit().rows.pop((table.name, row.id), None)
-        if not is_user:
-            return self._stored_copy(conn, resource_type, row.id)
-        return self._stamped(resource, resource_type, row.id, row.created_at, stamp, version, doc)
+        return version, stamp
 
     def delete(
         self,
