@@ -67,6 +67,7 @@ from scim2_server.service import SEARCH_REQUEST_PARAMETERS, ScimService
 from scim2_server.storage import SearchPage
 from scim2_server.utils import parametrize
 from sqlalchemy import Engine, text
+from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator import logs, metrics, migrations, openapi
@@ -749,7 +750,7 @@ def create_app(settings: Settings, engine: Engine | None = None, *, migrate: boo
     if migrate:
         migrations.upgrade(engine)
     hub = Hub(settings, engine)
-    app = FastAPI(title="idhub", docs_url=None, redoc_url=None, openapi_url=None)
+    app = _HubApp(title="idhub", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.hub = hub
 
     # -- telemetry: request id, access log and HTTP metrics per request; the Prometheus scrape ------------
@@ -788,32 +789,36 @@ def create_app(settings: Settings, engine: Engine | None = None, *, migrate: boo
         return JSONResponse({"status": "ready"})
 
     async def scim(scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
         limit = settings.max_body_bytes
         body = b""
-        async for chunk in request.stream():
-            body += chunk
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # nobody is left to answer
+            body += message.get("body", b"")
             if len(body) > limit:
-                error = hub.service.error_response(
-                    PayloadTooLargeException(detail=f"the body exceeds {limit} bytes")
-                )
-                await _to_response(error)(scope, receive, send)
+                error = PayloadTooLargeException(detail=f"the body exceeds {limit} bytes")
+                await _send(send, hub.service.error_response(error))
                 return
+            if not message.get("more_body", False):
+                break
+        query = scope.get("query_string")
         scim_request = ScimRequest(
-            method=request.method,
-            base_url=str(request.base_url).rstrip("/") + SCIM_PREFIX,
+            method=scope["method"],
+            base_url=_base_url(scope),
             path=_scim_path(scope) or "/",
-            query=dict(request.query_params),
-            headers=list(request.headers.items()),
+            query=dict(QueryParams(query)) if query else {},
+            headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]],
             body=body,
         )
         # Served on the event loop, one request at a time per process: a thread hand-off and the GIL passing
         # between request threads cost a sixth of a request's CPU, while a database round trip on loopback
         # is a fraction of a millisecond. Concurrency comes from server processes (``serve --workers``).
-        await _to_response(hub.serve(scim_request))(scope, receive, send)
+        await _send(send, hub.serve(scim_request))
 
-    # Inside the telemetry, so SCIM requests are logged and counted like the others.
-    app.add_middleware(_ScimFirst, endpoint=scim)
+    # SCIM requests skip FastAPI's routing and middleware (the endpoint reads the request itself) but keep the
+    # telemetry, so they are logged and counted like the others.
+    app.scim = metrics.RequestTelemetry(scim)
     app.add_middleware(metrics.RequestTelemetry)
     return app
 
@@ -829,24 +834,23 @@ def app_from_env() -> FastAPI:
     return app
 
 
-class _ScimFirst:
-    """ASGI middleware: requests under ``/scim/v2`` go straight to the hub's endpoint, others to the routes.
+class _HubApp(FastAPI):
+    """The hub's ASGI application: requests under ``/scim/v2`` go straight to the SCIM endpoint, others to
+    FastAPI's routes.
 
-    The endpoint needs nothing of FastAPI's routing (it reads the request itself), and routing, dependency
-    solving and the exception and exit-stack layers cost a tenth of a filtered GET's CPU. A method
-    a SCIM endpoint does not serve gets scim2-server's 405 with the ``Allow`` header, a path it does not know
-    a SCIM 404.
+    Routing, dependency solving and the error, exception and body-limit layers cost a tenth of a filtered
+    GET's CPU. A method a SCIM endpoint does not serve gets scim2-server's 405 with the ``Allow`` header, a
+    path it does not know a SCIM 404.
     """
 
-    def __init__(self, app: ASGIApp, endpoint: ASGIApp) -> None:
-        self.app = app
-        self.endpoint = endpoint
+    scim: ASGIApp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _scim_path(scope) is not None:
-            await self.endpoint(scope, receive, send)
+            scope["app"] = self
+            await self.scim(scope, receive, send)
         else:
-            await self.app(scope, receive, send)
+            await super().__call__(scope, receive, send)
 
 
 def _scim_path(scope: Scope) -> str | None:
@@ -860,7 +864,32 @@ def _scim_path(scope: Scope) -> str | None:
     return (path[len(SCIM_PREFIX) :] or "/").removesuffix(".scim")
 
 
-def _to_response(response: ScimResponse) -> Response:
+async def _send(send: Send, response: ScimResponse) -> None:
+    """Send a SCIM response as Starlette's ``Response`` would, without making one."""
     status = int(response.status)
     content = b"" if response.body is None or status == HTTPStatus.NO_CONTENT else to_json(response.body)
-    return Response(content=content, status_code=status, headers=response.headers)
+    headers = [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()
+    ]
+    if status >= 200 and status not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+        headers.append((b"content-length", str(len(content)).encode("latin-1")))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
+
+
+_base_urls: dict[tuple[Any, ...], str] = {}
+
+
+def _base_url(scope: Scope) -> str:
+    """The SCIM base URL of a request, as Starlette reads it from the scope; computed once for each scheme,
+    server, root path and Host header (a few per deployment, but a header is the client's to choose)."""
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    root = scope.get("app_root_path", scope.get("root_path", ""))
+    server = scope.get("server")
+    key = (scope.get("scheme"), None if server is None else tuple(server), root, host)
+    known = _base_urls.get(key)
+    if known is None:
+        if len(_base_urls) >= 256:
+            _base_urls.clear()
+        known = _base_urls[key] = str(Request(scope).base_url).rstrip("/") + SCIM_PREFIX
+    return known

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any, Final, TextIO
 
+import orjson
 import structlog
 from structlog.types import EventDict, Processor, WrappedLogger
 
@@ -240,6 +241,11 @@ class _Handler(logging.StreamHandler[TextIO]):
     """The one handler idhub installs on the root logger; found again and replaced by ``configure``."""
 
 
+def _json_line(event: Any, **options: Any) -> str:
+    # orjson: json.dumps took a sixth of an access line's cost, and every request writes one.
+    return orjson.dumps(event, default=options.get("default")).decode()
+
+
 def configure(
     format: str = "console",
     level: str | int = "INFO",
@@ -256,7 +262,7 @@ def configure(
     numeric = logging.getLevelNamesMapping()[level.upper()] if isinstance(level, str) else int(level)
     tail: list[Processor] = [redact, structlog.processors.TimeStamper(fmt="iso", utc=True), _lead]
     renderer: Processor = (
-        structlog.processors.JSONRenderer(sort_keys=False)
+        structlog.processors.JSONRenderer(serializer=_json_line)
         if format == "json"
         else structlog.dev.ConsoleRenderer(colors=False, pad_event_to=30)
     )
