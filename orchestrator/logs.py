@@ -13,6 +13,7 @@ leaves the process, whatever the caller passed, in the message, any field, or a 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -242,8 +243,12 @@ class _Handler(logging.StreamHandler[TextIO]):
 
 
 def _json_line(event: Any, **options: Any) -> str:
-    # orjson: json.dumps took a sixth of an access line's cost, and every request writes one.
-    return orjson.dumps(event, default=options.get("default")).decode()
+    # orjson: json.dumps took a sixth of an access line's cost, and every request writes one. It refuses
+    # integers past 64 bits, which json.dumps writes.
+    try:
+        return orjson.dumps(event, default=options.get("default"), option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(event, **options)
 
 
 def configure(

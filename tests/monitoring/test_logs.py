@@ -9,6 +9,7 @@ import logging
 import logging.config
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -247,6 +248,19 @@ def test_json_lines_from_structlog_and_stdlib_carry_context_and_no_pii(
         )
         assert "_raise_with_pii" in line["exception"]
     assert lines[4]["event"] == f"stdlib failure whsec_{REDACTED}"
+
+
+def test_json_lines_hold_any_value_json_can(json_log: Callable[[], list[dict[str, Any]]]) -> None:
+    # Lines are rendered by orjson, which refuses integers past 64 bits: such a line still goes out whole.
+    structlog.get_logger("idhub.test").info(
+        "counted", big=2**70, small=3, text="Zürich", when=datetime(2026, 1, 1)
+    )
+    structlog.get_logger("idhub.test").info("plain", small=4)
+    lines = json_log()
+    assert [line["event"] for line in lines] == ["counted", "plain"]
+    assert (lines[0]["big"], lines[0]["small"], lines[0]["text"]) == (2**70, 3, "Zürich")
+    assert lines[0]["when"] == str(datetime(2026, 1, 1))
+    assert lines[1]["small"] == 4
 
 
 def test_console_lines_are_readable_and_redacted(restore_logging: None) -> None:
