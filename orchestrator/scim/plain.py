@@ -113,7 +113,7 @@ def _slots(model: type[Resource[Any]]) -> dict[str, Slot]:
             kind = _plain_kind(info)
             subs: list[tuple[tuple[str, ...], type]] = [((key,), kind)] if kind is not None else []
             complex_type = _complex(holder, name)
-            if kind is None and complex_type is not None and not holder.get_field_multiplicity(name):
+            if kind is None and complex_type is not None and not _requires(complex_type):
                 for sub, sub_info in complex_type.model_fields.items():
                     sub_kind = _plain_kind(sub_info)
                     if sub_kind is not None and _writable(complex_type, sub):
@@ -191,7 +191,7 @@ def _complex_reader(holder: Any, *, complete: bool = False) -> Reader | None:
     one (an entry of a multi-valued attribute)."""
     # An extension's own "schemas" is the resource's to carry.
     subs = {name: info for name, info in holder.model_fields.items() if name != "schemas"}
-    if any(holder.get_field_annotation(sub, Required) == Required.true for sub in subs):
+    if _requires(holder, subs):
         return None if complete else _refuse
     fields = {}
     for name, info in subs.items():
@@ -252,6 +252,13 @@ def _read_canonical(values: frozenset[str], value: Any) -> str:
     if type(value) is not str or value not in values:
         raise _NotPlain
     return value
+
+
+def _requires(holder: Any, subs: Any = None) -> bool:
+    """Whether a complex attribute has a required sub-attribute: setting another one alone would create it
+    without, which only scim2-models knows how to answer."""
+    names = holder.model_fields if subs is None else subs
+    return any(holder.get_field_annotation(name, Required) == Required.true for name in names)
 
 
 def _refuse(value: Any) -> Any:

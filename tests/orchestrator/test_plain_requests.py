@@ -230,6 +230,8 @@ def test_a_plain_patch_needs_the_write_scope_and_json(hub: Any) -> None:
         op("password", "secret"),
         op(f"{CUSTOMER}:loyalty.memberSince", "2020-01-01T00:00:00Z"),
         op(f"{CUSTOMER}:marketingPreferences.frequency", "weekly"),
+        op(f"{ENTERPRISE}:manager.value", "someone"),  # manager requires $ref beside it
+        op(f"{ENTERPRISE}:manager", "someone"),
         op("unknownAttribute", "x"),
         op("nickName", "x", "remove"),
         op("nickName", "x", "move"),
