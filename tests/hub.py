@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -14,9 +15,10 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from scim2_server.requests import ScimRequest
 from sqlalchemy import Engine, select
 
-from orchestrator.api import create_app
+from orchestrator.api import Hub, create_app
 from orchestrator.auth import create_token
 from orchestrator.db import make_engine, outbox
 from orchestrator.settings import Settings
@@ -63,6 +65,20 @@ def user(user_name: str, **extra: Any) -> dict[str, Any]:
 
 def patch(*operations: dict[str, Any]) -> dict[str, Any]:
     return {"schemas": [PATCH_SCHEMA], "Operations": list(operations)}
+
+
+def serve_in_process(hub: Hub, token: str, method: str, path: str, body: Any = None, **headers: str) -> Any:
+    """``Hub.serve`` of one SCIM request with ``token``, without HTTP: the ScimResponse."""
+    raw = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+    request = ScimRequest(
+        method=method,
+        base_url="http://hub/scim/v2",
+        path=path,
+        query={},
+        headers=[("authorization", f"Bearer {token}"), ("content-type", SCIM), *headers.items()],
+        body=raw,
+    )
+    return hub.serve(request)
 
 
 def events(engine: Engine) -> list[Any]:

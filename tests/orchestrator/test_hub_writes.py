@@ -7,20 +7,18 @@ request in that gap, and run PATCHes on one customer from several threads at onc
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from scim2_server.requests import ScimRequest
 from sqlalchemy import Engine, event
 
 from orchestrator.api import Hub
 from orchestrator.auth import create_token
 from tests.conftest import create_pg_database, drop_pg_database
-from tests.hub import PATCH_SCHEMA, SCIM, events, make_hub, user
+from tests.hub import PATCH_SCHEMA, events, make_hub, serve_in_process, user
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +33,7 @@ def pg() -> Iterator[tuple[Hub, Engine, str]]:
 
 def serve(pg: tuple[Hub, Engine, str], method: str, path: str, body: Any = None, **headers: str) -> Any:
     hub, _, token = pg
-    request = ScimRequest(
-        method=method,
-        base_url="http://hub/scim/v2",
-        path=path,
-        query={},
-        headers=[("authorization", f"Bearer {token}"), ("content-type", SCIM), *headers.items()],
-        body=b"" if body is None else json.dumps(body).encode(),
-    )
-    return hub.serve(request)
+    return serve_in_process(hub, token, method, path, body, **headers)
 
 
 def create(pg: tuple[Hub, Engine, str], **extra: Any) -> dict[str, Any]:

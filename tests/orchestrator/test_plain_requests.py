@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from scim2_server.requests import ScimRequest
 from sqlalchemy import Engine, select
 
 from orchestrator.auth import create_token
@@ -22,7 +21,7 @@ from orchestrator.scim import plain
 from orchestrator.scim.extensions import user_model
 from orchestrator.settings import Settings
 from tests.conftest import create_pg_database, drop_pg_database
-from tests.hub import CUSTOMER, PATCH_SCHEMA, SCIM, USER_SCHEMA, make_hub
+from tests.hub import CUSTOMER, PATCH_SCHEMA, USER_SCHEMA, make_hub, serve_in_process
 
 ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
 
@@ -41,16 +40,7 @@ def hub(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 def serve(hub: Any, method: str, path: str, body: Any, **headers: str) -> Any:
     served, _, token = hub
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = ScimRequest(
-        method=method,
-        base_url="http://hub/scim/v2",
-        path=path,
-        query={},
-        headers=[("authorization", f"Bearer {token}"), ("content-type", SCIM), *headers.items()],
-        body=raw,
-    )
-    return served.serve(request)
+    return serve_in_process(served, token, method, path, body, **headers)
 
 
 def patch_body(*operations: dict[str, Any]) -> dict[str, Any]:
@@ -89,14 +79,14 @@ def without_identity(value: Any, resource_id: str) -> Any:
     return out
 
 
-def both_ways(
-    hub: Any, monkeypatch: pytest.MonkeyPatch, start: dict[str, Any], body: Any, **headers: str
+def two_runs(
+    hub: Any, monkeypatch: pytest.MonkeyPatch, reader: str, send: Callable[[], tuple[Any, str | None]]
 ) -> tuple[Any, Any]:
-    """(plain, scim2-models) runs of one PATCH, each on its own customer stored as ``start``: the answer
-    (status, headers without dates, body) and what was stored, with the customer's own id taken out."""
+    """``send`` run twice, with ``plain.<reader>`` as it is and then turned off (scim2-models reads the
+    body): each run's answer (status, headers, body) and what it stored, with its customer's id taken out.
+    ``send`` returns the response and the id of the customer it wrote, if any."""
     _, engine, _ = hub
-    plain_id, models_id = customer(hub, start), customer(hub, start)
-    read = plain.patch_values
+    read = getattr(plain, reader)
     taken: list[bool] = []
 
     def spy(model: Any, raw: bytes) -> Any:
@@ -105,21 +95,37 @@ def both_ways(
         return result
 
     runs = []
-    for resource_id, reader in ((plain_id, spy), (models_id, lambda *_: None)):
-        monkeypatch.setattr(plain, "patch_values", reader)
-        response = serve(hub, "PATCH", f"/Users/{resource_id}", body, **headers)
+    for chosen in (spy, lambda *_: None):
+        monkeypatch.setattr(plain, reader, chosen)
+        response, resource_id = send()
+        known = resource_id or "none"
+        headers = {k: v for k, v in response.headers.items() if k != "Cache-Control"}
         answer = (
             int(response.status),
-            without_identity(
-                {k: v for k, v in response.headers.items() if k != "Cache-Control"}, resource_id
-            ),
-            without_identity(response.body, resource_id),
+            without_identity(headers, known),
+            without_identity(response.body, known),
         )
-        doc, version, events = stored(engine, resource_id)
-        runs.append((answer, (without_identity(doc, resource_id), version, events)))
-    monkeypatch.setattr(plain, "patch_values", read)
+        if resource_id is None:
+            runs.append((answer, None))
+        else:
+            doc, version, events = stored(engine, resource_id)
+            runs.append((answer, (without_identity(doc, resource_id), version, events)))
+    monkeypatch.setattr(plain, reader, read)
     assert taken == [True], "the first run did not go the plain way"
     return runs[0], runs[1]
+
+
+def both_ways(
+    hub: Any, monkeypatch: pytest.MonkeyPatch, start: dict[str, Any], body: Any, **headers: str
+) -> tuple[Any, Any]:
+    """(plain, scim2-models) runs of one PATCH, each on its own customer stored as ``start``."""
+    ids = iter([customer(hub, start), customer(hub, start)])
+
+    def send() -> tuple[Any, str]:
+        resource_id = next(ids)
+        return serve(hub, "PATCH", f"/Users/{resource_id}", body, **headers), resource_id
+
+    return two_runs(hub, monkeypatch, "patch_values", send)
 
 
 def op(path: str, value: Any, kind: str = "replace") -> dict[str, Any]:
@@ -277,37 +283,14 @@ def test_a_patch_with_preconditions_or_parameters_goes_the_models_way(
 
 def created_both_ways(hub: Any, monkeypatch: pytest.MonkeyPatch, body: dict[str, Any]) -> tuple[Any, Any]:
     """(plain, scim2-models) runs of one creation, each with its own userName put into ``body``."""
-    _, engine, _ = hub
-    read = plain.creation
-    taken: list[bool] = []
 
-    def spy(model: Any, raw: bytes) -> Any:
-        result = read(model, raw)
-        taken.append(result is not None)
-        return result
-
-    runs = []
-    for reader in (spy, lambda *_: None):
-        monkeypatch.setattr(plain, "creation", reader)
+    def send() -> tuple[Any, str | None]:
         name = f"c-{uuid.uuid4().hex[:10]}@plain.example"
-        response = serve(
-            hub, "POST", "/Users", {k: name if k.lower() == "username" else v for k, v in body.items()}
-        )
-        resource_id = str((response.body or {}).get("id", "none"))
-        headers = {k: v for k, v in response.headers.items() if k != "Cache-Control"}
-        answer = (
-            int(response.status),
-            without_identity(headers, resource_id),
-            without_identity(response.body, resource_id),
-        )
-        if response.status == 201:
-            doc, version, events = stored(engine, resource_id)
-            runs.append((answer, (without_identity(doc, resource_id), version, events)))
-        else:
-            runs.append((answer, None))
-    monkeypatch.setattr(plain, "creation", read)
-    assert taken == [True], "the first run did not go the plain way"
-    return runs[0], runs[1]
+        named = {k: name if k.lower() == "username" else v for k, v in body.items()}
+        response = serve(hub, "POST", "/Users", named)
+        return response, response.body["id"] if response.status == 201 else None
+
+    return two_runs(hub, monkeypatch, "creation", send)
 
 
 CREATIONS: dict[str, dict[str, Any]] = {
