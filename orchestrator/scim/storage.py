@@ -714,7 +714,8 @@ class SqlStorage(ScimStorage):
         if member_pairs:
             changed.add("members")
         created = event_row(str(resource_type.name), resource_id, 1, Kind.CREATED, changed, stamp)
-        _write_with_event(conn, groups, {**values, **group_columns(doc)}, created)
+        if not _write_with_event(conn, groups, {**values, **group_columns(doc)}, created):
+            raise UniquenessException(detail="the group's id is already taken")
         self._write_members(conn, resource_id, member_pairs)
         return self._stored_copy(conn, resource_type, resource_id)
 
@@ -836,7 +837,7 @@ class SqlStorage(ScimStorage):
         return self._stored_copy(conn, resource_type, row.id)
 
     def set_values(self, resource_type: ResourceType, resource_id: str, values: Mapping[str, Any]) -> Any:
-        """Set attributes of a stored User, given as a fragment of its document (``patching.plain_patch``),
+        """Set attributes of a stored User, given as a fragment of its document (``plain.patch_values``),
         and return the row as stored afterwards (``id``, ``doc``, stamps and ``version``).
 
         A fragment's dictionaries merge into the ones stored under the same keys; any other value replaces
