@@ -311,7 +311,26 @@ class HubService(ScimService):
         ):
             return None
         resource_type = self.get_resource_type_of(resource)
-        body = self._document_body(base_url, resource_type, resource.id, stored.doc, stored.meta)
+        return self.document_response(base_url, resource_type, resource.id, stored.doc, stored.meta, status)
+
+    def stored_response(
+        self, base_url: str, resource_type: ResourceType, row: Any, status: HTTPStatus
+    ) -> ScimResponse | None:
+        """``resource_response`` for a row as stored (a User's: no members); None where only the model knows
+        how."""
+        meta = scim_storage.response_meta(resource_type, row.created_at, row.updated_at, row.version)
+        return self.document_response(base_url, resource_type, row.id, row.doc, meta, status)
+
+    def document_response(
+        self,
+        base_url: str,
+        resource_type: ResourceType,
+        resource_id: str,
+        doc: Any,
+        meta: dict[str, Any],
+        status: HTTPStatus,
+    ) -> ScimResponse | None:
+        body = self._document_body(base_url, resource_type, resource_id, doc, meta)
         if body is None:
             return None
         headers = {"Content-Location": body["meta"]["location"]}
@@ -574,13 +593,16 @@ class HubHandler(ScimHandler):
             self.service.authorize(request, target, resource_type)
             self.service.ensure_json(request.header("Content-Type"))
             model = self.storage.model(resource_type)
+            base_url = request.base_url
             if operation is Operation.create:
                 doc = plain.creation(model, request.body)
                 if doc is None:
                     return None
                 with self.storage.operation():
                     row = self.storage.create_user(resource_type, doc)
-                response = self._stored_response(request.base_url, resource_type, row, HTTPStatus.CREATED)
+                response = self.service.stored_response(base_url, resource_type, row, HTTPStatus.CREATED)
+                if response is None:  # references to rewrite: the model's way, as scim2-server answers
+                    return self.service.creation_response(base_url, self.storage.build(resource_type, row))
                 response.headers["Location"] = response.headers["Content-Location"]
                 return response
             values = plain.patch_values(model, request.body)
@@ -588,23 +610,10 @@ class HubHandler(ScimHandler):
                 return None
             with self.storage.operation():
                 row = self.storage.set_values(resource_type, target.resource_id, values)
-            return self._stored_response(request.base_url, resource_type, row, HTTPStatus.OK)
-
-    def _stored_response(
-        self, base_url: str, resource_type: ResourceType, row: Any, status: HTTPStatus
-    ) -> ScimResponse:
-        """``resource_response`` for a row as stored, from its document where it goes out as it is."""
-        body = self.service.stored_body(base_url, resource_type, row, None)
-        if body is None:
-            published = self.service.publish(base_url, self.storage.build(resource_type, row))
-            return self.service.resource_response(
-                published, ScimContext.RESOURCE_QUERY_RESPONSE, status=status
+            response = self.service.stored_response(base_url, resource_type, row, HTTPStatus.OK)
+            return response or self.service.patch_response(
+                base_url, self.storage.build(resource_type, row), None
             )
-        meta = body["meta"]
-        headers = {"Content-Location": meta["location"]}
-        if "version" in meta:
-            headers["ETag"] = meta["version"]
-        return ScimResponse(status, body, headers)
 
     def search(self, request: ScimRequest) -> ScimResponse:
         return self._search(

@@ -80,7 +80,11 @@ def patch_values(model: type[Resource[Any]], body: bytes) -> dict[str, Any] | No
         if not (isinstance(op, str) and op.lower() in _SETS and isinstance(path, str)):
             return None
         slot = slots.get(path.lower())
-        if slot is None or type(value) is not slot.kind:
+        if slot is None:
+            return None
+        try:
+            value = slot.read(value)
+        except _NotPlain:
             return None
         place = fragment
         for key in slot.keys[:-1]:
@@ -91,17 +95,17 @@ def patch_values(model: type[Resource[Any]], body: bytes) -> dict[str, Any] | No
 
 @dataclass(frozen=True)
 class Slot:
-    """Where a singular plain attribute's value lives in a stored document, and the JSON type it takes."""
+    """Where a singular attribute's value lives in a stored document, and how to read a plain one."""
 
     keys: tuple[str, ...]
-    kind: type
+    read: Reader
 
 
 @functools.cache
 def _slots(model: type[Resource[Any]]) -> dict[str, Slot]:
     """Every PATCH path (lower-cased: names and URNs are case-insensitive) that names a singular attribute of
-    ``model`` with a string, boolean or integer value, at the top level or below a singular complex attribute,
-    of the core schema (with or without its URN) or of an extension."""
+    ``model`` with a plain value, at the top level or below a singular complex attribute with no required
+    sub-attribute, of the core schema (with or without its URN) or of an extension."""
     slots: dict[str, Slot] = {}
     core = str(model.__schema__)
     for urn, holder in _schemas(model):
@@ -110,16 +114,16 @@ def _slots(model: type[Resource[Any]]) -> dict[str, Slot]:
             if (urn is None and name in holder.__scim_info__.extensions) or not _writable(holder, name):
                 continue
             key = _key(info, name)
-            kind = _plain_kind(info)
-            subs: list[tuple[tuple[str, ...], type]] = [((key,), kind)] if kind is not None else []
+            reader = _value_reader(holder, name)
+            leaves: list[tuple[tuple[str, ...], Reader]] = [((key,), reader)] if reader is not None else []
             complex_type = _complex(holder, name)
-            if kind is None and complex_type is not None and not _requires(complex_type):
+            if reader is None and complex_type is not None and not _requires(complex_type):
                 for sub, sub_info in complex_type.model_fields.items():
-                    sub_kind = _plain_kind(sub_info)
-                    if sub_kind is not None and _writable(complex_type, sub):
-                        subs.append(((key, _key(sub_info, sub)), sub_kind))
-            for keys, sub_kind in subs:
-                slot = Slot(keys if urn is None else (urn, *keys), sub_kind)
+                    sub_reader = _value_reader(complex_type, sub) if _writable(complex_type, sub) else None
+                    if sub_reader is not None:
+                        leaves.append(((key, _key(sub_info, sub)), sub_reader))
+            for keys, leaf in leaves:
+                slot = Slot(keys if urn is None else (urn, *keys), leaf)
                 for prefix in prefixes:
                     slots[(prefix + ".".join(keys)).lower()] = slot
     return slots
@@ -171,19 +175,24 @@ def _field_reader(holder: Any, name: str) -> Reader | None:
     """How to read a value of a read-write attribute as it is; None where only scim2-models can."""
     if not _writable(holder, name, singular=False):
         return None
-    info = holder.model_fields[name]
     complex_type = _complex(holder, name)
     if holder.get_field_multiplicity(name):
         item = _complex_reader(complex_type, complete=True) if complex_type is not None else None
         return None if item is None else functools.partial(_read_values, item)
     if complex_type is not None:
         return _complex_reader(complex_type)
-    kind = _plain_kind(info) or _value_kind(info)
+    return _value_reader(holder, name)
+
+
+def _value_reader(holder: Any, name: str) -> Reader | None:
+    """A reader of a simple attribute's value; None for a type only scim2-models reads (references, dates,
+    closed enumerations, constrained values...)."""
+    kind = _value_kind(holder.model_fields[name])
     if kind is EmailStr:
         return _read_email
     if isinstance(kind, type) and issubclass(kind, ExtensibleStringEnum):
         return functools.partial(_read_canonical, frozenset(member.value for member in kind))
-    return None if kind is None else functools.partial(_read_kind, kind)
+    return functools.partial(_read_kind, kind) if kind in _PLAIN else None
 
 
 def _complex_reader(holder: Any, *, complete: bool = False) -> Reader | None:
@@ -191,7 +200,7 @@ def _complex_reader(holder: Any, *, complete: bool = False) -> Reader | None:
     one (an entry of a multi-valued attribute)."""
     # An extension's own "schemas" is the resource's to carry.
     subs = {name: info for name, info in holder.model_fields.items() if name != "schemas"}
-    if _requires(holder, subs):
+    if _requires(holder):
         return None if complete else _refuse
     fields = {}
     for name, info in subs.items():
@@ -254,11 +263,14 @@ def _read_canonical(values: frozenset[str], value: Any) -> str:
     return value
 
 
-def _requires(holder: Any, subs: Any = None) -> bool:
-    """Whether a complex attribute has a required sub-attribute: setting another one alone would create it
-    without, which only scim2-models knows how to answer."""
-    names = holder.model_fields if subs is None else subs
-    return any(holder.get_field_annotation(name, Required) == Required.true for name in names)
+def _requires(holder: Any) -> bool:
+    """Whether a complex attribute or extension has a required sub-attribute (an extension's own "schemas"
+    aside): setting others alone would create it without, which only scim2-models knows how to answer."""
+    return any(
+        holder.get_field_annotation(name, Required) == Required.true
+        for name in holder.model_fields
+        if name != "schemas"
+    )
 
 
 def _refuse(value: Any) -> Any:
@@ -278,13 +290,6 @@ def _writable(holder: Any, name: str, *, singular: bool = True) -> bool:
     if holder.get_field_annotation(name, Mutability) != Mutability.read_write:
         return False
     return not (singular and holder.get_field_multiplicity(name))
-
-
-def _plain_kind(info: Any) -> type | None:
-    """``str``, ``bool`` or ``int`` for a field of that type or None, with only SCIM characteristics (enums)
-    beside it; None for any other field (references, dates, enumerations, constrained values...)."""
-    kind = _value_kind(info)
-    return kind if kind in _PLAIN else None
 
 
 def _value_kind(info: Any) -> Any:

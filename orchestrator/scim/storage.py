@@ -486,12 +486,12 @@ class SqlStorage(ScimStorage):
         raise NotImplementedException(detail=f"no storage for {resource_type.name}")
 
     def _doc_of(self, resource: Resource[Any]) -> dict[str, Any]:
+        """The document a model is stored as, not yet checked (``_check_values``)."""
         doc = resource.model_dump(exclude={"id", "meta"})
         doc.pop("members", None)
         # The hub keeps no passwords (migration 0006): customers sign in elsewhere, none is ever returned (RFC
         # 7643 §4.1.1) or synced, and a copy at rest would only be one more secret to leak.
         doc.pop("password", None)
-        self._check_values(doc)
         return doc
 
     def build(
@@ -703,6 +703,7 @@ class SqlStorage(ScimStorage):
         if is_user:
             row = self.create_user(resource_type, doc)
             return self._stamped(resource, resource_type, row.id, row.created_at, row.updated_at, 1, doc)
+        self._check_values(doc)
         conn = _conn()
         resource_id = str(uuid.uuid4())
         stamp = now()
@@ -738,6 +739,7 @@ class SqlStorage(ScimStorage):
     ) -> Resource[Any]:
         """``create`` of a User in a Bulk request: checked now, written by the next ``flush``."""
         doc = self._doc_of(resource)
+        self._check_values(doc)
         columns = user_columns(doc)
         name = columns["user_name_ci"]
         if name is not None:
@@ -813,6 +815,7 @@ class SqlStorage(ScimStorage):
         if expected is not None and expected != row.version:
             raise PreconditionFailedException(detail="the resource changed since that version")
         doc = self._doc_of(resource)
+        self._check_values(doc)
         if self._is_user(resource_type):
             stored = self._rewrite_user(conn, resource_type, row, doc)
             if stored is row:
