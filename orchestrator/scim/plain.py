@@ -53,8 +53,17 @@ Reader = Callable[[Any], Any]
 def creation(model: type[Resource[Any]], body: bytes) -> dict[str, Any] | None:
     """The document a plain creation body stores, as scim2-models would dump it; None for any other body."""
     try:
-        doc: dict[str, Any] = _creation_reader(model)(from_json(body))
-    except (ValueError, _NotPlain):
+        decoded = from_json(body)
+    except ValueError:
+        return None
+    return document(model, decoded)
+
+
+def document(model: type[Resource[Any]], data: Any) -> dict[str, Any] | None:
+    """``creation`` of a decoded body (a Bulk operation's data)."""
+    try:
+        doc: dict[str, Any] = _creation_reader(model)(data)
+    except _NotPlain:
         return None
     return doc
 

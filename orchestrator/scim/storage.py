@@ -696,13 +696,14 @@ class SqlStorage(ScimStorage):
 
     def create(self, resource_type: ResourceType, resource: Resource[Any]) -> Resource[Any]:
         is_user = self._is_user(resource_type)
-        batch = _unit().batch
-        if is_user and batch is not None and not batch.clashed:
-            return self._create_later(batch, resource_type, resource)
         doc = self._doc_of(resource)
         if is_user:
-            row = self.create_user(resource_type, doc)
-            return self._stamped(resource, resource_type, row.id, row.created_at, row.updated_at, 1, doc)
+            batch = _unit().batch
+            held = batch is not None and not batch.clashed
+            row = self.create_document(resource_type, doc)
+            # A Bulk request's results carry no resources: what its creations were stored as is not kept.
+            kept = None if held else doc
+            return self._stamped(resource, resource_type, row.id, row.created_at, row.updated_at, 1, kept)
         self._check_values(doc)
         conn = _conn()
         resource_id = str(uuid.uuid4())
@@ -720,8 +721,15 @@ class SqlStorage(ScimStorage):
         self._write_members(conn, resource_id, member_pairs)
         return self._stored_copy(conn, resource_type, resource_id)
 
-    def create_user(self, resource_type: ResourceType, doc: dict[str, Any]) -> Any:
-        """Store a new User's document (``_doc_of`` or ``plain.creation``) and its event; the row written."""
+    def create_document(self, resource_type: ResourceType, doc: dict[str, Any]) -> Any:
+        """Store a new User's document (``_doc_of`` or ``plain.document``) and its event, or in a Bulk request
+        hold it back for ``flush``; the row as written."""
+        batch = _unit().batch
+        if batch is not None and not batch.clashed:
+            return self._create_later(batch, resource_type, doc)
+        return self._create_user(resource_type, doc)
+
+    def _create_user(self, resource_type: ResourceType, doc: dict[str, Any]) -> Any:
         self._check_values(doc)
         conn = _conn()
         resource_id = str(uuid.uuid4())
@@ -734,11 +742,8 @@ class SqlStorage(ScimStorage):
             raise UniquenessException(detail="userName is already taken")
         return _Row(resource_id, doc, stamp, stamp, 1)
 
-    def _create_later(
-        self, batch: _Batch, resource_type: ResourceType, resource: Resource[Any]
-    ) -> Resource[Any]:
-        """``create`` of a User in a Bulk request: checked now, written by the next ``flush``."""
-        doc = self._doc_of(resource)
+    def _create_later(self, batch: _Batch, resource_type: ResourceType, doc: dict[str, Any]) -> _Row:
+        """A User's creation in a Bulk request: checked now, written by the next ``flush``."""
         self._check_values(doc)
         columns = user_columns(doc)
         name = columns["user_name_ci"]
@@ -754,7 +759,7 @@ class SqlStorage(ScimStorage):
         batch.events.append(
             event_row(str(resource_type.name), resource_id, 1, Kind.CREATED, changed_paths({}, doc), stamp)
         )
-        return self._stamped(resource, resource_type, resource_id, stamp, stamp, 1, None)
+        return _Row(resource_id, doc, stamp, stamp, 1)
 
     @staticmethod
     def _stamped(
