@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,11 +16,12 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from scim2_server.requests import ScimRequest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 
 from orchestrator.api import Hub, create_app
 from orchestrator.auth import create_token
 from orchestrator.db import make_engine, outbox
+from orchestrator.scim import storage as scim_storage
 from orchestrator.settings import Settings
 from tests.conftest import create_pg_database, drop_pg_database
 
@@ -79,6 +80,43 @@ def serve_in_process(hub: Hub, token: str, method: str, path: str, body: Any = N
         body=raw,
     )
     return hub.serve(request)
+
+
+class SentStatements:
+    """Every statement a hub sends, through SQLAlchemy or on the driver's connection (``storage.on_driver``):
+    (in a transaction?, its first word, its text). ``before_write`` is called once, just before the first
+    write sent without a transaction (a WITH statement): another request can be served in that gap."""
+
+    def __init__(self, hub: Hub, before_write: Callable[[], None] | None = None) -> None:
+        self.engines = {hub.engine, hub.reader} - {None}
+        self.sent: list[tuple[bool, str, str]] = []
+        self.before_write = before_write
+        self.on_driver = scim_storage.on_driver
+
+    def _seen(self, in_transaction: bool, statement: str) -> None:
+        self.sent.append((in_transaction, statement.split(None, 1)[0].upper(), statement))
+        if self.before_write is not None and not in_transaction and statement.lstrip().startswith("WITH"):
+            interfere, self.before_write = self.before_write, None
+            interfere()
+
+    def _record(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        self._seen(not conn.connection.dbapi_connection.autocommit, statement)
+
+    def _driven(self, conn: Any, statement: Any, params: dict[str, Any]) -> Any:
+        text, _ = scim_storage._driver_text(statement, conn.dialect)
+        self._seen(not conn.connection.driver_connection.autocommit, text)
+        return self.on_driver(conn, statement, params)
+
+    def __enter__(self) -> SentStatements:
+        for engine in self.engines:
+            event.listen(engine, "before_cursor_execute", self._record)
+        scim_storage.on_driver = self._driven  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        scim_storage.on_driver = self.on_driver  # type: ignore[assignment]
+        for engine in self.engines:
+            event.remove(engine, "before_cursor_execute", self._record)
 
 
 def events(engine: Engine) -> list[Any]:

@@ -13,8 +13,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, NamedTuple, cast
 
+from psycopg import OperationalError as DriverOperationalError
+from psycopg.errors import IntegrityError as DriverIntegrityError
+from psycopg.types.json import Jsonb
 from pydantic import TypeAdapter
 from pydantic_core import to_json
 from scim2_models import (
@@ -32,6 +35,7 @@ from scim2_models import (
 )
 from scim2_server.storage import ScimStorage, SearchPage
 from sqlalchemy import (
+    JSON,
     ColumnElement,
     Executable,
     Table,
@@ -48,6 +52,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ClauseElement
 
 from orchestrator.db import group_members, groups, identities, now, outbox
 from orchestrator.outbox import Kind, emit, event_row
@@ -200,6 +205,52 @@ def _update_statement(table: Table) -> Executable:
 _OUTBOX_INSERT = insert(outbox)
 
 
+class StoredUser(NamedTuple):
+    """What a User's unlocked write reads of its row (``_USER_ROW``)."""
+
+    id: str
+    version: int
+    doc: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    user_name_ci: str | None
+    active: bool | None
+
+
+_USER_ROW = select(*(identities.c[name] for name in StoredUser._fields)).where(
+    identities.c.id == bindparam("row_id"), identities.c.deleted_at.is_(None)
+)
+
+
+def on_driver(conn: Connection, statement: Executable, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The first row of ``statement`` run on PostgreSQL through the driver's own connection, beneath
+    ``conn``: for the two statements of a User's unlocked creation, PATCH or PUT (``bind(optimistic=True)``),
+    which run without a transaction. SQLAlchemy's execution and result set-up around each took 75 µs of
+    CPU, more than psycopg's own 55 µs (a primary-key SELECT, in-process); with both run here a PATCH took
+    0.60 ms of CPU instead of 0.88, a creation 0.52 instead of 0.59. Parameters are as ``conn.execute``
+    takes them; JSON values go as JSONB, dumped by the serializer SQLAlchemy registers with psycopg.
+    """
+    text, json_params = _driver_text(statement, conn.dialect)
+    sent = {**params, **{name: Jsonb(params[name]) for name in json_params}} if json_params else params
+    driver: Any = conn.connection.driver_connection
+    try:
+        found: tuple[Any, ...] | None = driver.execute(text, sent, prepare=True).fetchone()
+    except DriverOperationalError:
+        # A lost connection (or the server refusing the statement): sent again through SQLAlchemy, which
+        # handles that as for any statement; a lost connection then invalidates every pooled one, instead of
+        # each failing the next request it is lent to. Nothing of the first try was written.
+        return tuple(row) if (row := conn.execute(statement, params).first()) is not None else None
+    return found
+
+
+@lru_cache(maxsize=64)
+def _driver_text(statement: Executable, dialect: Any) -> tuple[str, tuple[str, ...]]:
+    """A statement's SQL as SQLAlchemy compiles it (psycopg's named placeholders), and its JSON parameters."""
+    compiled: Any = cast(ClauseElement, statement).compile(dialect=dialect)
+    json_params = tuple(name for name, bind in compiled.binds.items() if isinstance(bind.type, JSON))
+    return str(compiled), json_params
+
+
 @cache
 def _batch_create_statement(row_columns: tuple[str, ...], event_columns: tuple[str, ...]) -> Executable:
     """PostgreSQL: held-back User rows and their events, sent as one JSON array, written by one statement.
@@ -278,6 +329,8 @@ def _write_with_event(
         params.update({f"event_{k}": event[k] for k in _EVENT_COLUMNS})
         if row_id is not None:
             params.update(target_id=row_id, read_version=read_version)
+        if _unit().optimistic:
+            return on_driver(conn, statement, params) is not None
         return conn.execute(statement, params).first() is not None
     if row_id is None:
         if not _insert_new(conn, table, values):
@@ -542,8 +595,13 @@ class SqlStorage(ScimStorage):
         key = (table.name, resource_id)
         if key in unit.rows:
             return unit.rows[key]
-        lock = unit.write and not unit.optimistic
-        row = conn.execute(_row_statement(table, lock=lock), {"row_id": resource_id}).first()
+        row: Any
+        if unit.optimistic and table is identities:
+            found = on_driver(conn, _USER_ROW, {"row_id": resource_id})
+            row = None if found is None else StoredUser(*found)
+        else:
+            lock = unit.write and not unit.optimistic
+            row = conn.execute(_row_statement(table, lock=lock), {"row_id": resource_id}).first()
         if row is None:
             raise NotFoundException(detail=f"Resource {resource_id} not found")
         if unit.write:
@@ -899,7 +957,7 @@ class SqlStorage(ScimStorage):
         values = {"version": version, "doc": doc, "updated_at": stamp, **columns}
         try:
             applied = _write_with_event(conn, table, values, updated, row_id=row.id, read_version=row.version)
-        except IntegrityError:
+        except (IntegrityError, DriverIntegrityError):
             if not _unit().optimistic:
                 raise
             applied = False  # a userName taken since the check above; with locks the check answers 409

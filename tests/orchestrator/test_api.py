@@ -9,10 +9,20 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Engine, select
 
 from orchestrator import db
-from tests.hub import CUSTOMER, GROUP_SCHEMA, SCIM, client, events, hub_client, patch, user
+from tests.hub import (
+    CUSTOMER,
+    GROUP_SCHEMA,
+    SCIM,
+    SentStatements,
+    client,
+    events,
+    hub_client,
+    patch,
+    user,
+)
 
 
 @pytest.fixture(scope="module", params=["postgresql", "sqlite"])
@@ -138,27 +148,16 @@ def test_a_customer_is_created_by_one_statement_and_a_group_in_a_transaction(
     if engine.dialect.name != "postgresql":
         pytest.skip("SQLite serves every write in a transaction")
     create(c)  # the token is verified (and remembered) on the first request
-    sent: list[tuple[bool, str]] = []
-
-    def record(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append((conn.connection.dbapi_connection.autocommit, statement.split(None, 1)[0].upper()))
-
-    engines = {engine, c.app.state.hub.reader}  # type: ignore[attr-defined]
-    for each in engines:
-        event.listen(each, "before_cursor_execute", record)
-    try:
+    with SentStatements(c.app.state.hub) as seen:  # type: ignore[attr-defined]
         created = create(c)
-        by_user = list(sent)
-        sent.clear()
+        by_user = [(in_transaction, word) for in_transaction, word, _ in seen.sent]
+        seen.sent.clear()
         group = {"schemas": [GROUP_SCHEMA], "displayName": name(), "members": [{"value": created["id"]}]}
         assert c.post("/scim/v2/Groups", json=group).status_code == 201
-        by_group = list(sent)
-    finally:
-        for each in engines:
-            event.remove(each, "before_cursor_execute", record)
-    assert by_user == [(True, "WITH")]
+        by_group = list(seen.sent)
+    assert by_user == [(False, "WITH")]
     assert by_group
-    assert all(not autocommit for autocommit, _ in by_group)
+    assert all(in_transaction for in_transaction, _, _ in by_group)
     assert [e.version for e in events(engine) if e.resource_id == created["id"]] == [1]
 
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, text
 
 from orchestrator.api import Hub
 from orchestrator.auth import create_token
 from tests.conftest import create_pg_database, drop_pg_database
-from tests.hub import PATCH_SCHEMA, events, make_hub, serve_in_process, user
+from tests.hub import PATCH_SCHEMA, SentStatements, events, make_hub, serve_in_process, user
 
 
 @pytest.fixture(scope="module")
@@ -46,32 +46,6 @@ def replace(path: str, value: Any) -> dict[str, Any]:
     return {"schemas": [PATCH_SCHEMA], "Operations": [{"op": "replace", "path": path, "value": value}]}
 
 
-class Statements:
-    """Every statement sent on the hub's engines: (in a transaction?, its first word, its text)."""
-
-    def __init__(self, hub: Hub, before_write: Callable[[], None] | None = None) -> None:
-        self.engines = [hub.engine, hub.reader]
-        self.sent: list[tuple[bool, str, str]] = []
-        self.before_write = before_write
-
-    def record(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        autocommit = conn.connection.dbapi_connection.autocommit
-        self.sent.append((not autocommit, statement.split(None, 1)[0].upper(), statement))
-        if self.before_write is not None and autocommit and statement.lstrip().startswith("WITH"):
-            # The gap between the unlocked read and the write: another request is served in it, once.
-            interfere, self.before_write = self.before_write, None
-            interfere()
-
-    def __enter__(self) -> Statements:
-        for engine in self.engines:
-            event.listen(engine, "before_cursor_execute", self.record)
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        for engine in self.engines:
-            event.remove(engine, "before_cursor_execute", self.record)
-
-
 def versions(pg: tuple[Hub, Engine, str], resource_id: str) -> list[tuple[str, int]]:
     return [(e.kind, e.version) for e in events(pg[1]) if e.resource_id == resource_id]
 
@@ -82,7 +56,7 @@ def test_a_customer_write_is_an_unlocked_read_and_one_statement(
 ) -> None:
     made = create(pg, nickName="before")
     body = replace("nickName", "after") if method == "PATCH" else user(made["userName"], nickName="after")
-    with Statements(pg[0]) as seen:
+    with SentStatements(pg[0]) as seen:
         response = serve(pg, method, f"/Users/{made['id']}", body)
     assert response.status == 200, response.body
     assert response.body["nickName"] == "after"
@@ -98,7 +72,7 @@ def test_a_change_made_between_the_read_and_the_write_is_kept(pg: tuple[Hub, Eng
         answer = serve(pg, "PATCH", f"/Users/{made['id']}", replace("title", "theirs"))
         assert answer.status == 200, answer.body
 
-    with Statements(pg[0], other_request) as seen:
+    with SentStatements(pg[0], other_request) as seen:
         response = serve(pg, "PATCH", f"/Users/{made['id']}", replace("nickName", "ours"))
     assert response.status == 200, response.body
     assert (response.body["nickName"], response.body["title"]) == ("ours", "theirs")
@@ -118,7 +92,7 @@ def test_if_match_still_refuses_a_version_that_changed_between_the_read_and_the_
     def other_request() -> None:
         assert serve(pg, "PATCH", f"/Users/{made['id']}", replace("title", "theirs")).status == 200
 
-    with Statements(pg[0], other_request):
+    with SentStatements(pg[0], other_request):
         ours = replace("nickName", "ours")
         response = serve(pg, "PATCH", f"/Users/{made['id']}", ours, **{"if-match": 'W/"1"'})
     assert response.status == 412, response.body
@@ -134,7 +108,7 @@ def test_a_user_name_taken_between_the_check_and_the_write_answers_409(pg: tuple
     def other_request() -> None:
         assert serve(pg, "POST", "/Users", user(wanted.upper())).status == 201
 
-    with Statements(pg[0], other_request):
+    with SentStatements(pg[0], other_request):
         response = serve(pg, "PATCH", f"/Users/{made['id']}", replace("userName", wanted))
     assert response.status == 409, response.body
     assert response.body["scimType"] == "uniqueness"
@@ -168,3 +142,22 @@ def test_patches_from_many_threads_at_once_lose_nothing(pg: tuple[Hub, Engine, s
     assert added >= {f"t{t}-{i}@writes.example" for t in range(threads) for i in range(each)}
     assert stored["meta"]["version"] == f'W/"{1 + threads * each}"'
     assert [v for _, v in versions(pg, made["id"])] == list(range(1, 2 + threads * each))
+
+
+def test_a_connection_lost_under_a_write_is_not_lent_again(pg: tuple[Hub, Engine, str]) -> None:
+    # A User's write runs on the driver's connection (storage.on_driver), past SQLAlchemy's handling of a
+    # lost connection: the pool must still drop it, or every later request lent it fails too.
+    made = create(pg)
+    assert serve(pg, "PATCH", f"/Users/{made['id']}", replace("nickName", "a")).status == 200
+    with pg[1].connect() as conn:
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    statuses = [
+        serve(pg, "PATCH", f"/Users/{made['id']}", replace("nickName", f"n{i}")).status for i in range(4)
+    ]
+    # The first request may meet a dead connection (each pooled one is); none after it may.
+    assert statuses[1:] == [200, 200, 200], statuses
