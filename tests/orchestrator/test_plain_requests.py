@@ -79,6 +79,27 @@ def without_identity(value: Any, resource_id: str) -> Any:
     return out
 
 
+class Ways:
+    """The two runs of a case: with ``plain.<reader>`` as it is, watched (``taken``: whether it read each
+    body it was given), then with it turned off, so that scim2-models reads the body."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+        self.monkeypatch, self.reader = monkeypatch, reader
+        self.read = getattr(plain, reader)
+        self.taken: list[bool] = []
+
+    def spy(self, model: Any, body: Any) -> Any:
+        result = self.read(model, body)
+        self.taken.append(result is not None)
+        return result
+
+    def __iter__(self) -> Iterator[None]:
+        for chosen in (self.spy, lambda *_: None):
+            self.monkeypatch.setattr(plain, self.reader, chosen)
+            yield
+        self.monkeypatch.setattr(plain, self.reader, self.read)
+
+
 def two_runs(
     hub: Any, monkeypatch: pytest.MonkeyPatch, reader: str, send: Callable[[], tuple[Any, str | None]]
 ) -> tuple[Any, Any]:
@@ -86,17 +107,9 @@ def two_runs(
     body): each run's answer (status, headers, body) and what it stored, with its customer's id taken out.
     ``send`` returns the response and the id of the customer it wrote, if any."""
     _, engine, _ = hub
-    read = getattr(plain, reader)
-    taken: list[bool] = []
-
-    def spy(model: Any, raw: bytes) -> Any:
-        result = read(model, raw)
-        taken.append(result is not None)
-        return result
-
+    ways = Ways(monkeypatch, reader)
     runs = []
-    for chosen in (spy, lambda *_: None):
-        monkeypatch.setattr(plain, reader, chosen)
+    for _ in ways:
         response, resource_id = send()
         known = resource_id or "none"
         headers = {k: v for k, v in response.headers.items() if k != "Cache-Control"}
@@ -110,8 +123,7 @@ def two_runs(
         else:
             doc, version, events = stored(engine, resource_id)
             runs.append((answer, (without_identity(doc, resource_id), version, events)))
-    monkeypatch.setattr(plain, reader, read)
-    assert taken == [True], "the first run did not go the plain way"
+    assert ways.taken == [True], "the first run did not go the plain way"
     return runs[0], runs[1]
 
 
@@ -441,17 +453,9 @@ def bulk_both_ways(
     """(plain, scim2-models) runs of one Bulk request of creations, each run's userNames its own ("{run}" in a
     userName): per operation its status and what it stored, or its error."""
     _, engine, _ = hub
-    read = plain.document
-    taken: list[bool] = []
-
-    def spy(model: Any, data: Any) -> Any:
-        result = read(model, data)
-        taken.append(result is not None)
-        return result
-
+    ways = Ways(monkeypatch, "document")
     runs = []
-    for chosen in (spy, lambda *_: None):
-        monkeypatch.setattr(plain, "document", chosen)
+    for _ in ways:
         run = uuid.uuid4().hex[:8]
         operations = [
             {
@@ -476,8 +480,7 @@ def bulk_both_ways(
                 (outcome["bulkId"], "201", json.loads(json.dumps(doc).replace(run, "RUN")), version, events)
             )
         runs.append(outcomes)
-    monkeypatch.setattr(plain, "document", read)
-    assert any(taken), "no operation went the plain way"
+    assert any(ways.taken), "no operation went the plain way"
     return runs[0], runs[1]
 
 
