@@ -11,7 +11,7 @@ Sizes come from the environment, so a quick run and a full run use the same code
     BENCH_FLOOR_N (BENCH_DRAIN_N)  upserts the bare script sends; BENCH_FLOOR_THREADS (1) per target
     BENCH_NAIVE_N (5000)           changes the textbook design syncs
     BENCH_SERVER_WORKERS (2), BENCH_WORKER_GROUPS ("fanout,admin;targets"), BENCH_WORKER_CONCURRENCY (3),
-    BENCH_WORKER_POOL (prefork), BENCH_BATCH_SIZE (300), BENCH_SWEEP_INTERVAL (5), BENCH_TIMEOUT (1800)
+    BENCH_WORKER_POOL (prefork), BENCH_BATCH_SIZE (500), BENCH_SWEEP_INTERVAL (5), BENCH_TIMEOUT (1800)
     BENCH_TARGET_CONCURRENCY (one per worker process serving target queues): deliveries in flight per target
     BENCH_APP_UPDATE_METHOD (unset: PATCH): "put" has the SCIM connector update the app by PUT
     BENCH_APP (sandbox): what serves the SCIM app, the sandbox's SCIM simulator or "scim2-server"
