@@ -28,7 +28,7 @@ from orchestrator import metrics, settings, sync
 from orchestrator.db import engine_for
 from orchestrator.relay import Publish
 from orchestrator.targets import TargetConfig, connector_settings, load_targets
-from workers import telemetry  # noqa: F401 - connects the logging and metrics signals
+from workers import telemetry  # also connects the logging and metrics signals
 from workers.app import WorkerSettings, queue_for
 from workers.relay import publisher
 
@@ -73,6 +73,7 @@ def _prepare(**_: Any) -> None:
         _process.targets = None
     # httpx loads its transport's modules with the first client: here, not in each child's first delivery.
     httpx.HTTPTransport(verify=tls_context()).close()
+    telemetry.freeze_startup_objects()  # what this made, too (telemetry's own worker_init ran before)
 
 
 class IdhubTask(Task):  # type: ignore[misc]

@@ -71,7 +71,30 @@ def start_process() -> None:
     freeze_startup_objects()
 
 
+# Young objects the collector lets accumulate before a pass. A delivery of 500 records keeps about 10,000
+# containers alive at once (documents, payloads, rows) and reference counting frees them all; at Python's 700
+# every delivery set off passes that found nothing to collect. In-process, 80,000 records delivered spent
+# 0.50 s in the collector with start-up frozen, 0.02 s with this; 2.7 s with neither.
+_YOUNG = 50_000
+
+
 def freeze_startup_objects() -> None:
     """Leave what start-up made (modules, classes, schemas, about 140,000 objects) out of the garbage
-    collector's full passes: each one walked them all, 75 ms in which the process did nothing else."""
+    collector's full passes: each one walked them all, 75 ms in which the process did nothing else. And let
+    young objects gather up to ``_YOUNG`` before a pass."""
     gc.freeze()
+    gc.set_threshold(_YOUNG, *gc.get_threshold()[1:])
+
+
+_first_task_done = False
+
+
+@signals.task_postrun.connect  # type: ignore[untyped-decorator]
+def _freeze_after_first_task(**_: Any) -> None:
+    """A pool child's first task imports and builds what start-up left for later (a connector's client, the
+    engine's pool, compiled statements): frozen too, once, after a pass that frees that task's garbage."""
+    global _first_task_done
+    if not _first_task_done:
+        _first_task_done = True
+        gc.collect()
+        gc.freeze()
