@@ -375,10 +375,17 @@ def row_params(
     *,
     postgres: bool,
 ) -> dict[str, Any] | list[dict[str, Any]]:
-    """The parameters of a ``row_source`` statement: a list per column on PostgreSQL, else a dict per row."""
+    """The parameters of a ``row_source`` statement: a list per column on PostgreSQL, else a dict per row. A
+    column named in ``shared`` takes that value in every row."""
     if postgres:
-        return {**shared, **{name: [row[name] for row in rows] for name in columns}}
-    return [{**shared, **row} for row in rows]
+        return {
+            **shared,
+            **{
+                name: [shared[name]] * len(rows) if name in shared else [row[name] for row in rows]
+                for name in columns
+            },
+        }
+    return [{**row, **shared} for row in rows]
 
 
 @contextmanager

@@ -1096,16 +1096,20 @@ def _claim_statement(postgres: bool) -> Any:
     )
 
 
-def _fenced(identity_id: ColumnElement[Any]) -> ColumnElement[bool]:
+def _fenced(identity_id: ColumnElement[Any], owner: ColumnElement[Any]) -> ColumnElement[bool]:
     """A row of ours: one whose lease another worker took since is left alone."""
-    return and_(
-        L.target == bindparam("k_target"), L.identity_id == identity_id, L.lease_owner == bindparam("k_owner")
-    )
+    return and_(L.target == bindparam("k_target"), L.identity_id == identity_id, L.lease_owner == owner)
 
 
-_FENCE = _fenced(bindparam("k_id"))
+_FENCE = _fenced(bindparam("k_id"), bindparam("k_owner"))
+# The statements that apply many rows read the owner from each row, not from a constant: against a constant
+# the planner takes lease_owner's statistics (NULL on nearly every row) to leave one row of the target, scans
+# the target's rows for it and joins each with every row sent. At 500 rows sent a delivery's outcome took
+# 60 ms of PostgreSQL, 120 µs a row; read from each row, the owner is a join condition, and every row is
+# found by the primary key (14 µs a row).
 _NOTED: dict[str, TypeEngine[Any]] = {
     "k_id": String(),
+    "k_owner": String(),
     "k_key": String(),
     "k_remote": String(),
     "k_action": String(),
@@ -1117,7 +1121,7 @@ def _note_attempt(postgres: bool) -> Any:
     row = row_source(_NOTED, postgres=postgres)
     return (
         update(sync_ledger)
-        .where(_fenced(row["k_id"]))
+        .where(_fenced(row["k_id"], row["k_owner"]))
         .values(
             payload_digest=None,
             inflight_key=row["k_key"],
@@ -1129,6 +1133,7 @@ def _note_attempt(postgres: bool) -> Any:
 
 _RECORDED: dict[str, TypeEngine[Any]] = {
     "k_id": String(),
+    "k_owner": String(),
     "v_version": BigInteger(),
     "v_action": String(),
     "v_status": String(),
@@ -1144,7 +1149,7 @@ def _record_success(postgres: bool) -> Any:
     version = row["v_version"]
     return (
         update(sync_ledger)
-        .where(_fenced(row["k_id"]))
+        .where(_fenced(row["k_id"], row["k_owner"]))
         .values(
             synced_version=version,
             synced_action=row["v_action"],
