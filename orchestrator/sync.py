@@ -1105,8 +1105,8 @@ _FENCE = _fenced(bindparam("k_id"), bindparam("k_owner"))
 # The statements that apply many rows read the owner from each row, not from a constant: against a constant
 # the planner takes lease_owner's statistics (NULL on nearly every row) to leave one row of the target, scans
 # the target's rows for it and joins each with every row sent. At 500 rows sent a delivery's outcome took
-# 60 ms of PostgreSQL, 120 µs a row; read from each row, the owner is a join condition, and every row is
-# found by the primary key (14 µs a row).
+# 60 ms of PostgreSQL, 120 µs a row; read from each row, the owner is a join condition, the rows sent are
+# joined with the ledger's by key, and it took 18 µs a row.
 _NOTED: dict[str, TypeEngine[Any]] = {
     "k_id": String(),
     "k_owner": String(),
