@@ -73,7 +73,7 @@ def _prepare(**_: Any) -> None:
         _process.targets = None
     # httpx loads its transport's modules with the first client: here, not in each child's first delivery.
     httpx.HTTPTransport(verify=tls_context()).close()
-    telemetry.freeze_startup_objects()  # what this made, too (telemetry's own worker_init ran before)
+    telemetry.freeze_startup_objects()  # last, and before the pool forks: its children inherit them frozen
 
 
 class IdhubTask(Task):  # type: ignore[misc]

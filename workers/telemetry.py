@@ -10,7 +10,8 @@ Imported by ``workers.base``, so every process that loads the tasks is wired:
 - ``worker_process_shutdown``: a pool child is gone; multiprocess mode forgets its live gauges.
 
 ``start_process()`` does the same for a plain process (the relay). Both keep the objects start-up made out of
-the garbage collector's full passes (``gc.freeze``).
+the garbage collector's full passes (``freeze_startup_objects``; a worker calls it once it has prepared its
+targets, in ``workers.base``, so that its pool children inherit them frozen).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _worker_init(sender: Any = None, **_: Any) -> None:
-    freeze_startup_objects()  # before the pool forks: its children inherit them frozen
     metrics.reset_multiprocess_dir()
     port = metrics.serve()
     pool = getattr(sender, "pool_cls", None)  # a name here ("prefork"), or already the class
